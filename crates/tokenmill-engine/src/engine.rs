@@ -1,0 +1,238 @@
+//! The step loop: one thread owns the model, the KV cache and the scheduler,
+//! takes requests over a channel, and runs schedule -> forward -> update until
+//! every client hangs up.
+
+use crate::kv::BlockPool;
+use crate::sched::{Scheduler, SchedulerConfig, Sequence};
+use candle_core::Tensor;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokenmill_models::{ChatTemplate, PagedKvCache};
+use tokenmill_models::{Llama, LoadedModel, ModelError, ModelTokenizer, TemplateMessage};
+use tokenmill_protocol::{
+    ChatMessage, EngineClient, EventSink, FinishReason, GenerateRequest, ModelInfo, SubmitError,
+};
+
+/// Sizes of the engine's KV cache and steps.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks in the cache.
+    pub num_blocks: usize,
+    /// Step limits.
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: 16,
+            num_blocks: 1024,
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+enum Command {
+    Submit(Box<GenerateRequest>, Box<dyn EventSink>),
+}
+
+/// The running engine: a handle that implements [`EngineClient`]. Dropping
+/// the last handle stops the loop once in-flight requests are done.
+pub struct Engine {
+    info: ModelInfo,
+    tokenizer: Arc<ModelTokenizer>,
+    chat_template: Arc<ChatTemplate>,
+    commands: Sender<Command>,
+    kv_capacity_tokens: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long the idle loop waits for a command before checking again.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+impl Engine {
+    /// Starts the step loop on its own thread.
+    pub fn start(
+        model: LoadedModel,
+        served_name: &str,
+        config: EngineConfig,
+    ) -> Result<Self, ModelError> {
+        let LoadedModel {
+            model,
+            tokenizer,
+            chat_template,
+        } = model;
+        let context_length = model.config().context_length;
+        let cache = model.new_kv_cache(config.block_size, config.num_blocks)?;
+        let tokenizer = Arc::new(tokenizer);
+        let (commands, receiver) = mpsc::channel();
+        let worker_tokenizer = tokenizer.clone();
+        let worker_config = config.clone();
+        let thread = std::thread::Builder::new()
+            .name("tokenmill-engine".to_owned())
+            .spawn(move || {
+                // The block pool is single-threaded by design: it is built here,
+                // on the thread that owns it.
+                let pool = BlockPool::new(worker_config.num_blocks, worker_config.block_size);
+                StepLoop {
+                    scheduler: Scheduler::new(worker_config.scheduler, pool, context_length),
+                    model,
+                    cache,
+                    tokenizer: worker_tokenizer,
+                    commands: receiver,
+                }
+                .run()
+            })
+            .map_err(|e| ModelError::Unsupported(format!("cannot start the engine thread: {e}")))?;
+        Ok(Engine {
+            info: ModelInfo {
+                name: served_name.to_owned(),
+                context_length,
+            },
+            tokenizer,
+            chat_template: Arc::new(chat_template),
+            commands,
+            kv_capacity_tokens: config.block_size * config.num_blocks,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl EngineClient for Engine {
+    fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.tokenizer.encode(text).map_err(|e| e.to_string())
+    }
+
+    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+        let messages: Vec<TemplateMessage<'_>> = messages
+            .iter()
+            .map(|m| TemplateMessage {
+                role: &m.role,
+                content: &m.content,
+            })
+            .collect();
+        let text = self
+            .chat_template
+            .render(&messages)
+            .map_err(|e| e.to_string())?;
+        // The template writes its own special tokens (BOS included, if any).
+        self.tokenizer.encode_raw(&text).map_err(|e| e.to_string())
+    }
+
+    fn submit(
+        &self,
+        request: GenerateRequest,
+        sink: Box<dyn EventSink>,
+    ) -> Result<(), SubmitError> {
+        let longest =
+            (request.prompt_tokens.len() + request.stop.max_tokens).min(self.info.context_length);
+        if request.prompt_tokens.is_empty() {
+            return Err(SubmitError::TooLong("the prompt is empty".to_owned()));
+        }
+        if longest > self.kv_capacity_tokens {
+            return Err(SubmitError::TooLong(format!(
+                "{longest} tokens exceed the KV cache of {} tokens",
+                self.kv_capacity_tokens
+            )));
+        }
+        self.commands
+            .send(Command::Submit(Box::new(request), sink))
+            .map_err(|_| SubmitError::Unavailable("the engine has stopped".to_owned()))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the channel lets the loop drain and exit.
+        let (closed, _) = mpsc::channel();
+        self.commands = closed;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// State owned by the engine thread.
+struct StepLoop {
+    scheduler: Scheduler,
+    model: Llama,
+    cache: PagedKvCache,
+    tokenizer: Arc<ModelTokenizer>,
+    commands: Receiver<Command>,
+}
+
+impl StepLoop {
+    fn run(mut self) {
+        let mut open = true;
+        while open || !self.scheduler.is_idle() {
+            open = self.take_commands();
+            self.scheduler.drop_cancelled(&self.tokenizer);
+            let plan = self.scheduler.schedule();
+            if plan.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let batch = self.scheduler.forward_batch(&plan);
+            match self
+                .model
+                .forward(&batch, &self.cache)
+                .and_then(|l| logit_rows(&l))
+            {
+                Ok(rows) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    self.scheduler
+                        .update_from_output(&plan, &rows, seconds, &self.tokenizer);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "forward failed; aborting the batch");
+                    self.scheduler.abort_all(
+                        FinishReason::Error,
+                        &format!("model error: {e}"),
+                        &self.tokenizer,
+                    );
+                }
+            }
+        }
+        tracing::info!("engine stopped");
+    }
+
+    /// Adds queued requests; waits for one when there is nothing to do.
+    /// Returns `false` once every handle is gone.
+    fn take_commands(&mut self) -> bool {
+        if self.scheduler.is_idle() {
+            match self.commands.recv_timeout(IDLE_POLL) {
+                Ok(command) => self.handle(command),
+                Err(RecvTimeoutError::Timeout) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        loop {
+            match self.commands.try_recv() {
+                Ok(command) => self.handle(command),
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(request, sink) => {
+                let blocks = self.scheduler.pool().empty_sequence();
+                self.scheduler.add(Sequence::new(*request, sink, blocks));
+            }
+        }
+    }
+}
+
+fn logit_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+    Ok(logits.to_vec2::<f32>()?)
+}

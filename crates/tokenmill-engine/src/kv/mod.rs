@@ -1,0 +1,5 @@
+//! KV block management: which cache blocks each sequence owns.
+
+mod block_pool;
+
+pub use block_pool::{BlockPool, SequenceBlocks};

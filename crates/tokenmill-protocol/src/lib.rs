@@ -1,0 +1,256 @@
+//! The shared vocabulary of tokenmill.
+//!
+//! The HTTP server and the engine meet here and nowhere else: the server turns
+//! an OpenAI request into a [`GenerateRequest`], hands it to an
+//! [`EngineClient`], and receives [`GenerationEvent`]s through the
+//! [`EventSink`] it supplied. Nothing in this crate knows about HTTP, candle or
+//! tokio, so either side can be replaced or tested on its own.
+#![deny(missing_docs)]
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::SystemTime;
+
+/// Identifier of one request; it is also the `id` of the OpenAI response the
+/// client receives, so a bill can be traced to its response.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub String);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Identifier of the tenant a request is billed to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TenantId(pub String);
+
+impl TenantId {
+    /// The tenant of unauthenticated local development traffic.
+    pub fn anonymous() -> Self {
+        TenantId("anonymous".to_owned())
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How the next token is drawn from the model's logits.
+///
+/// Values here are already validated by the server: `temperature` is in
+/// `[0, 2]`, `top_p` in `(0, 1]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability
+    /// mass reaches `top_p`.
+    pub top_p: f32,
+    /// Seed of the request's random stream; the same seed gives the same
+    /// output for the same prompt and parameters.
+    pub seed: Option<u64>,
+}
+
+impl SamplingParams {
+    /// Greedy decoding: always the most likely token.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: None,
+        }
+    }
+
+    /// Whether these parameters select the argmax deterministically.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// When generation stops, besides the model's own end-of-generation tokens.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopConditions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Strings that end generation when they appear in the output; they are
+    /// matched across token boundaries and removed from the returned text.
+    pub stop_strings: Vec<String>,
+}
+
+/// One validated generation request, already tokenized.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// The request's id (the OpenAI response id).
+    pub id: RequestId,
+    /// Who is billed.
+    pub tenant: TenantId,
+    /// The served model name.
+    pub model: String,
+    /// Prompt token ids, never empty.
+    pub prompt_tokens: Vec<u32>,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Stop conditions.
+    pub stop: StopConditions,
+    /// When the server accepted the request.
+    pub arrived_at: SystemTime,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The client went away.
+    Cancelled,
+    /// The engine failed while running the sequence.
+    Error,
+}
+
+impl FinishReason {
+    /// The name used in OpenAI responses and usage records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+/// Tokens a request used, counted by the engine in the steps that made them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCounts {
+    /// Prompt tokens, whether computed or served from the prefix cache.
+    pub prompt_tokens: u64,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+}
+
+impl TokenCounts {
+    /// Prompt plus completion tokens.
+    pub fn total_tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// The one usage record of a finished request; the `usage` a client receives
+/// is built from this same value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// The request (and OpenAI response) id.
+    pub request_id: RequestId,
+    /// Who is billed.
+    pub tenant: TenantId,
+    /// The served model name.
+    pub model: String,
+    /// Token counts.
+    pub tokens: TokenCounts,
+    /// Why the sequence ended.
+    pub finish_reason: FinishReason,
+    /// Device time attributed to this request, in seconds.
+    pub device_seconds: f64,
+    /// When the request arrived.
+    pub arrived_at: SystemTime,
+    /// When the sequence ended.
+    pub finished_at: SystemTime,
+}
+
+/// What the engine tells the submitter of a request, in order: zero or more
+/// `Text` events, then exactly one `Finished`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GenerationEvent {
+    /// New output text (already cut at a stop string) and the ids of the
+    /// tokens that produced it.
+    Text {
+        /// Decoded text to append to the output; may be empty when a token
+        /// only completes part of a UTF-8 character or a possible stop string.
+        text: String,
+        /// Token ids generated since the previous event.
+        token_ids: Vec<u32>,
+    },
+    /// The sequence ended; `usage` is its usage record.
+    Finished {
+        /// Usage record.
+        usage: UsageEvent,
+        /// A message when the reason is [`FinishReason::Error`].
+        error: Option<String>,
+    },
+}
+
+/// Receives a request's events from the engine.
+pub trait EventSink: Send {
+    /// Delivers one event. Returns `false` when the receiver is gone (the
+    /// client disconnected), which cancels the request.
+    fn send(&self, event: GenerationEvent) -> bool;
+
+    /// Whether the receiver is gone, checked every step so that a request
+    /// whose client left stops even before it produces a token.
+    fn is_closed(&self) -> bool;
+}
+
+/// Why the engine would not take a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The engine is not running (shut down or failed).
+    Unavailable(String),
+    /// The request cannot ever fit (prompt plus output over the context or the
+    /// KV cache).
+    TooLong(String),
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubmitError::Unavailable(m) => write!(f, "engine unavailable: {m}"),
+            SubmitError::TooLong(m) => write!(f, "request too long: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// Facts about the loaded model that the server needs to validate requests.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// The served model name (the `model` field clients send).
+    pub name: String,
+    /// Most tokens (prompt plus output) one sequence may hold.
+    pub context_length: usize,
+}
+
+/// The server's handle on an engine.
+pub trait EngineClient: Send + Sync {
+    /// The loaded model.
+    fn model_info(&self) -> &ModelInfo;
+
+    /// Tokenizes a completion prompt (special tokens in the text are parsed).
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String>;
+
+    /// Renders chat messages with the model's chat template and tokenizes the
+    /// result, ready for an assistant turn.
+    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String>;
+
+    /// Queues a request; its events go to `sink`.
+    fn submit(&self, request: GenerateRequest, sink: Box<dyn EventSink>)
+        -> Result<(), SubmitError>;
+}
+
+/// One chat message, as handed to the chat template.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// "system", "user" or "assistant".
+    pub role: String,
+    /// The text of the message.
+    pub content: String,
+}
