@@ -1,0 +1,45 @@
+//! Times prefill and single-token decode steps of a GGUF model on the CPU:
+//! `cargo run --release -p tokenmill-models --example step_time [-- MODEL.gguf]`.
+use candle_core::Device;
+use std::time::Instant;
+use tokenmill_models::{catalog, ForwardBatch, LoadedModel, LogitRows};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let path = match std::env::args().nth(1) {
+        Some(p) => p.into(),
+        None => catalog::find("smollm2").ok_or("unknown model")?.path(),
+    };
+    let loaded = LoadedModel::from_gguf_file(&path, &Device::Cpu, |_, _| {})?;
+    let model = &loaded.model;
+    let cache = model.new_kv_cache(16, 64)?;
+    let table: Vec<u32> = (0..64).collect();
+    let prompt: Vec<u32> = (100..228).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push(&prompt, prompt.len(), table.clone(), LogitRows::Last);
+    let t = Instant::now();
+    model.forward(&batch, &cache)?;
+    println!(
+        "prefill {} tokens: {:.1} ms",
+        prompt.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let steps = 64;
+    let t = Instant::now();
+    for i in 0..steps {
+        let mut batch = ForwardBatch::default();
+        batch.push(
+            &[300 + i as u32],
+            prompt.len() + i + 1,
+            table.clone(),
+            LogitRows::Last,
+        );
+        model.forward(&batch, &cache)?;
+    }
+    let per = t.elapsed().as_secs_f64() / steps as f64;
+    println!(
+        "decode: {:.2} ms/token ({:.1} tokens/s)",
+        per * 1e3,
+        1.0 / per
+    );
+    Ok(())
+}
