@@ -67,6 +67,7 @@ impl Engine {
             chat_template,
         } = model;
         let context_length = model.config().context_length;
+        let vocab_size = model.config().vocab_size;
         let cache = model.new_kv_cache(config.block_size, config.num_blocks)?;
         let tokenizer = Arc::new(tokenizer);
         let (commands, receiver) = mpsc::channel();
@@ -92,6 +93,7 @@ impl Engine {
             info: ModelInfo {
                 name: served_name.to_owned(),
                 context_length,
+                vocab_size,
             },
             tokenizer,
             chat_template: Arc::new(chat_template),

@@ -227,6 +227,8 @@ pub struct ModelInfo {
     pub name: String,
     /// Most tokens (prompt plus output) one sequence may hold.
     pub context_length: usize,
+    /// Token ids run from 0 to `vocab_size - 1`.
+    pub vocab_size: usize,
 }
 
 /// The server's handle on an engine.

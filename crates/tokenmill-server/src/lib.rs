@@ -1,1 +1,82 @@
-//! placeholder
+//! The OpenAI-compatible HTTP front end of tokenmill.
+//!
+//! Requests are validated into [`validate::ValidRequest`]s, submitted to an
+//! [`EngineClient`], and answered as JSON or server-sent events. Every error
+//! goes through the one table in [`error`].
+#![deny(missing_docs)]
+
+pub mod error;
+mod handlers;
+pub mod openai;
+pub mod validate;
+
+use axum::routing::{get, post};
+use axum::Router;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokenmill_protocol::EngineClient;
+
+pub use error::ApiError;
+
+/// Limits that protect the server.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    engine: Arc<dyn EngineClient>,
+    limits: Limits,
+    started_at: u64,
+}
+
+impl AppState {
+    /// State over `engine`.
+    pub fn new(engine: Arc<dyn EngineClient>, limits: Limits) -> Self {
+        AppState {
+            engine,
+            limits,
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+/// The routes of the API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(handlers::health))
+        .route("/v1/models", get(handlers::list_models))
+        .route("/v1/models/{id}", get(handlers::get_model))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::not_found)
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "serving the OpenAI API");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,164 @@
+//! The server's one error type and the one table that maps each error to an
+//! HTTP status and an OpenAI error object.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use thiserror::Error;
+
+/// Everything a request can fail with, as the client will see it.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ApiError {
+    /// The request is malformed or a value is out of range.
+    #[error("{message}")]
+    InvalidRequest {
+        /// What is wrong, in words.
+        message: String,
+        /// The offending parameter.
+        param: Option<String>,
+    },
+    /// A parameter this server does not implement.
+    #[error("{message}")]
+    Unsupported {
+        /// What is not supported.
+        message: String,
+        /// The parameter.
+        param: String,
+    },
+    /// A field the API does not have.
+    #[error("Unrecognized request argument supplied: {0}")]
+    UnknownField(String),
+    /// The body is not JSON.
+    #[error("We could not parse the JSON body of your request: {0}")]
+    InvalidJson(String),
+    /// The prompt and the requested output do not fit the context.
+    #[error("{message}")]
+    ContextLengthExceeded {
+        /// The numbers, in words.
+        message: String,
+        /// "prompt" or "messages", or "max_tokens".
+        param: String,
+    },
+    /// The body is over the size limit.
+    #[error("The request body is larger than the limit of {0} bytes.")]
+    PayloadTooLarge(usize),
+    /// No such model is served.
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    /// No such route.
+    #[error("Unknown request URL: {method} {path}.")]
+    RouteNotFound {
+        /// The HTTP method.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// The engine cannot take requests now.
+    #[error("The server is not able to take requests right now: {0}")]
+    Unavailable(String),
+    /// The engine failed while serving the request.
+    #[error("The server had an error while processing your request: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    message: String,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    /// Shorthand for an invalid value of `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_owned()),
+        }
+    }
+
+    /// Shorthand for a parameter we do not implement.
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        ApiError::Unsupported {
+            message: message.into(),
+            param: param.to_owned(),
+        }
+    }
+
+    /// The table: HTTP status, OpenAI error type, parameter and code.
+    fn parts(&self) -> (StatusCode, &'static str, Option<&str>, Option<&'static str>) {
+        use ApiError::*;
+        const INVALID: &str = "invalid_request_error";
+        match self {
+            InvalidRequest { param, .. } => (StatusCode::BAD_REQUEST, INVALID, param.as_deref(), None),
+            Unsupported { param, .. } => {
+                (StatusCode::BAD_REQUEST, INVALID, Some(param), Some("unsupported_parameter"))
+            }
+            UnknownField(field) => {
+                (StatusCode::BAD_REQUEST, INVALID, Some(field), Some("unrecognized_argument"))
+            }
+            InvalidJson(_) => (StatusCode::BAD_REQUEST, INVALID, None, Some("invalid_json")),
+            ContextLengthExceeded { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                Some(param),
+                Some("context_length_exceeded"),
+            ),
+            PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, INVALID, None, Some("payload_too_large")),
+            ModelNotFound(_) => (StatusCode::NOT_FOUND, INVALID, Some("model"), Some("model_not_found")),
+            RouteNotFound { .. } => (StatusCode::NOT_FOUND, INVALID, None, Some("unknown_url")),
+            Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("unavailable")),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+        }
+    }
+
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The OpenAI error object, as JSON.
+    pub fn body(&self) -> serde_json::Value {
+        let (_, kind, param, code) = self.parts();
+        serde_json::to_value(ErrorBody {
+            error: ErrorObject {
+                message: self.to_string(),
+                kind,
+                param,
+                code,
+            },
+        })
+        .unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_have_the_openai_shape() {
+        let body = ApiError::invalid("temperature", "too hot").body();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "too hot", "type": "invalid_request_error",
+                "param": "temperature", "code": null}})
+        );
+        assert_eq!(ApiError::ModelNotFound("x".into()).status(), StatusCode::NOT_FOUND);
+        assert_eq!(ApiError::UnknownField("foo".into()).body()["error"]["param"], "foo");
+    }
+}

@@ -1,0 +1,217 @@
+//! The HTTP handlers: validate, submit to the engine, answer as JSON or as a
+//! stream of server-sent events.
+
+use crate::error::ApiError;
+use crate::openai::{finish_reason, Endpoint, ResponseHeader, Usage};
+use crate::validate::{self, ValidRequest};
+use crate::AppState;
+use axum::extract::{Path, Request, State};
+use axum::http::Method;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, Stream, StreamExt};
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokenmill_protocol::{
+    EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestId, SubmitError, TenantId,
+    UsageEvent,
+};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// Delivers engine events into a request's channel; the handler (or the SSE
+/// body) holds the receiver, so a client that goes away closes it.
+struct ChannelSink(UnboundedSender<GenerationEvent>);
+
+impl EventSink for ChannelSink {
+    fn send(&self, event: GenerationEvent) -> bool {
+        self.0.send(event).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// `GET /health`
+pub async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+fn model_object(state: &AppState) -> serde_json::Value {
+    serde_json::json!({
+        "id": state.engine.model_info().name,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "tokenmill",
+    })
+}
+
+/// `GET /v1/models`
+pub async fn list_models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"object": "list", "data": [model_object(&state)]}))
+}
+
+/// `GET /v1/models/{id}`
+pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    if id == state.engine.model_info().name {
+        Ok(Json(model_object(&state)))
+    } else {
+        Err(ApiError::ModelNotFound(id))
+    }
+}
+
+/// `POST /v1/completions`
+pub async fn completions(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    generate(state, Endpoint::Completions, request).await
+}
+
+/// `POST /v1/chat/completions`
+pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    generate(state, Endpoint::Chat, request).await
+}
+
+/// Any other route.
+pub async fn not_found(method: Method, request: Request) -> ApiError {
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: request.uri().path().to_owned(),
+    }
+}
+
+async fn generate(state: AppState, endpoint: Endpoint, request: Request) -> Result<Response, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let body = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let engine = state.engine.clone();
+    // Tokenizing and rendering templates is CPU work: keep it off the
+    // reactor threads.
+    let valid = tokio::task::spawn_blocking(move || match endpoint {
+        Endpoint::Completions => validate::completion(&body, engine.as_ref()),
+        Endpoint::Chat => validate::chat(&body, engine.as_ref()),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("validation task failed: {e}")))??;
+
+    let header = ResponseHeader {
+        id: format!("{}-{}", endpoint.id_prefix(), uuid::Uuid::new_v4().simple()),
+        created: unix_seconds(SystemTime::now()),
+        model: valid.model.clone(),
+        endpoint,
+    };
+    let (stream, include_usage) = (valid.stream, valid.include_usage);
+    let events = submit(&state, &header, valid)?;
+    if stream {
+        Ok(stream_response(header, events, include_usage).into_response())
+    } else {
+        collect_response(header, events).await.map(IntoResponse::into_response)
+    }
+}
+
+fn submit(state: &AppState, header: &ResponseHeader, valid: ValidRequest) -> Result<UnboundedReceiver<GenerationEvent>, ApiError> {
+    let (sender, receiver) = unbounded_channel();
+    let request = GenerateRequest {
+        id: RequestId(header.id.clone()),
+        tenant: TenantId::anonymous(),
+        model: valid.model,
+        prompt_tokens: valid.prompt_tokens,
+        sampling: valid.sampling,
+        stop: valid.stop,
+        arrived_at: SystemTime::now(),
+    };
+    state
+        .engine
+        .submit(request, Box::new(ChannelSink(sender)))
+        .map_err(|e| match e {
+            SubmitError::Unavailable(m) => ApiError::Unavailable(m),
+            SubmitError::TooLong(m) => ApiError::ContextLengthExceeded {
+                message: m,
+                param: "max_tokens".to_owned(),
+            },
+        })?;
+    Ok(receiver)
+}
+
+/// The error a finished request that did not end normally maps to.
+fn failure(usage: &UsageEvent, error: Option<String>) -> Option<ApiError> {
+    match usage.finish_reason {
+        FinishReason::Stop | FinishReason::Length => None,
+        FinishReason::Cancelled => Some(ApiError::Unavailable("the request was cancelled".to_owned())),
+        FinishReason::Error => Some(ApiError::Internal(error.unwrap_or_else(|| "generation failed".to_owned()))),
+    }
+}
+
+async fn collect_response(header: ResponseHeader, mut events: UnboundedReceiver<GenerationEvent>) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            GenerationEvent::Text { text: piece, .. } => text.push_str(&piece),
+            GenerationEvent::Finished { usage, error } => {
+                if let Some(err) = failure(&usage, error) {
+                    return Err(err);
+                }
+                let finish = finish_reason(usage.finish_reason);
+                return Ok(Json(header.full_response(text, finish, Usage::from(&usage))));
+            }
+        }
+    }
+    Err(ApiError::Internal("the engine dropped the request".to_owned()))
+}
+
+fn sse_json(value: &serde_json::Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+/// Streams the request's events as SSE chunks, then `[DONE]`. Dropping the
+/// stream (the client left) drops the receiver, which cancels the request.
+fn stream_response(
+    header: ResponseHeader,
+    events: UnboundedReceiver<GenerationEvent>,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let opening = match header.endpoint {
+        Endpoint::Chat => vec![sse_json(&header.role_chunk())],
+        Endpoint::Completions => Vec::new(),
+    };
+    let body = stream::unfold(Some((events, header)), move |state| async move {
+        let (mut events, header) = state?;
+        let Some(event) = events.recv().await else {
+            let err = ApiError::Internal("the engine dropped the request".to_owned());
+            return Some((vec![sse_json(&err.body()), Event::default().data("[DONE]")], None));
+        };
+        match event {
+            GenerationEvent::Text { text, .. } => {
+                let out = if text.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![sse_json(&header.text_chunk(&text, None))]
+                };
+                Some((out, Some((events, header))))
+            }
+            GenerationEvent::Finished { usage, error } => {
+                let mut out = Vec::new();
+                match failure(&usage, error) {
+                    Some(err) => out.push(sse_json(&err.body())),
+                    None => {
+                        out.push(sse_json(&header.text_chunk("", finish_reason(usage.finish_reason))));
+                        if include_usage {
+                            out.push(sse_json(&header.usage_chunk(Usage::from(&usage))));
+                        }
+                    }
+                }
+                out.push(Event::default().data("[DONE]"));
+                Some((out, None))
+            }
+        }
+    });
+    let all = stream::iter(opening)
+        .chain(body.flat_map(stream::iter))
+        .map(Ok::<_, Infallible>);
+    Sse::new(all)
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+

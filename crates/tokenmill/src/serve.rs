@@ -1,0 +1,148 @@
+//! `tokenmill serve`: load a model, start the engine, serve the API.
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
+use tokenmill_models::{catalog, LoadedModel};
+use tokenmill_server::{AppState, Limits};
+
+/// Flags of `tokenmill serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// A known model name (smollm2), installed by its script in models/, or
+    /// the path of a local .gguf file.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// The name clients use in `model` (default: the known name, or the
+    /// file's stem).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Tokens the KV cache holds across all sequences.
+    #[arg(long, default_value_t = 32768)]
+    kv_cache_tokens: usize,
+    /// Most tokens in one forward step.
+    #[arg(long, default_value_t = 2048)]
+    max_batched_tokens: usize,
+    /// Most sequences in one forward step.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+}
+
+/// Where the model file is and what to call it.
+fn resolve_model(args: &ServeArgs) -> anyhow::Result<(PathBuf, String)> {
+    if let Some(known) = catalog::find(&args.model) {
+        let path = known.path();
+        if !path.exists() {
+            bail!(
+                "model {} is not installed at {}: run {}",
+                known.name,
+                path.display(),
+                known.fetch_script
+            );
+        }
+        let name = args.served_model_name.clone().unwrap_or_else(|| known.name.to_owned());
+        return Ok((path, name));
+    }
+    let path = PathBuf::from(&args.model);
+    if !path.is_file() {
+        bail!(
+            "--model {}: neither a known model ({}) nor a .gguf file",
+            args.model,
+            catalog::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok((path, args.served_model_name.clone().unwrap_or(stem)))
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<LoadedModel> {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(path.display().to_string());
+    let model = LoadedModel::from_gguf_file(path, &Device::Cpu, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("loading {}", path.display()))?;
+    bar.finish_and_clear();
+    Ok(model)
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.block_size == 0 || args.kv_cache_tokens < args.block_size {
+        bail!("--kv-cache-tokens must hold at least one block of --block-size tokens");
+    }
+    let (path, name) = resolve_model(&args)?;
+    let started = std::time::Instant::now();
+    let model = load(&path)?;
+    let cfg = model.model.config().clone();
+    tracing::info!(
+        model = %name,
+        path = %path.display(),
+        layers = cfg.num_layers,
+        context = cfg.context_length,
+        seconds = started.elapsed().as_secs_f64(),
+        "model loaded on cpu"
+    );
+    let engine = Engine::start(
+        model,
+        &name,
+        EngineConfig {
+            block_size: args.block_size,
+            num_blocks: args.kv_cache_tokens / args.block_size,
+            scheduler: SchedulerConfig {
+                max_batched_tokens: args.max_batched_tokens,
+                max_num_seqs: args.max_num_seqs,
+            },
+        },
+    )?;
+    let state = AppState::new(Arc::new(engine), Limits::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let address = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
+        tracing::info!("listening on http://{address}");
+        tokenmill_server::serve(listener, state, shutdown_signal()).await?;
+        tracing::info!("server stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return interrupt.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = interrupt => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    interrupt.await.unwrap_or(());
+}
