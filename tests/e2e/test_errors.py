@@ -186,11 +186,11 @@ def test_sdk_sees_context_overflow_as_bad_request(client: openai.OpenAI) -> None
 
 @pytest.mark.parametrize(
     "prompt",
-    [[10_000_000], [-1], ["Hello", "World"], [[504, 3575]]],
+    [[10_000_000], [-1], ["Hello", "World"], [[504], [3575]]],
     ids=["id-beyond-vocab", "negative-id", "list-of-strings", "list-of-id-lists"],
 )
 def test_invalid_prompt_form_is_400(http: httpx.Client, prompt: Any) -> None:
-    """Token ids outside the vocabulary and batched prompts (lists of prompts) are refused."""
+    """Token ids outside the vocabulary and batches of several prompts are refused (a batch of one is accepted)."""
     assert_error_body(_post(http, COMPLETIONS, prompt=prompt), 400)
 
 

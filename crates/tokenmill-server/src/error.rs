@@ -98,13 +98,21 @@ impl ApiError {
         use ApiError::*;
         const INVALID: &str = "invalid_request_error";
         match self {
-            InvalidRequest { param, .. } => (StatusCode::BAD_REQUEST, INVALID, param.as_deref(), None),
-            Unsupported { param, .. } => {
-                (StatusCode::BAD_REQUEST, INVALID, Some(param), Some("unsupported_parameter"))
+            InvalidRequest { param, .. } => {
+                (StatusCode::BAD_REQUEST, INVALID, param.as_deref(), None)
             }
-            UnknownField(field) => {
-                (StatusCode::BAD_REQUEST, INVALID, Some(field), Some("unrecognized_argument"))
-            }
+            Unsupported { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                Some(param),
+                Some("unsupported_parameter"),
+            ),
+            UnknownField(field) => (
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                Some(field),
+                Some("unrecognized_argument"),
+            ),
             InvalidJson(_) => (StatusCode::BAD_REQUEST, INVALID, None, Some("invalid_json")),
             ContextLengthExceeded { param, .. } => (
                 StatusCode::BAD_REQUEST,
@@ -112,11 +120,31 @@ impl ApiError {
                 Some(param),
                 Some("context_length_exceeded"),
             ),
-            PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, INVALID, None, Some("payload_too_large")),
-            ModelNotFound(_) => (StatusCode::NOT_FOUND, INVALID, Some("model"), Some("model_not_found")),
+            PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                INVALID,
+                None,
+                Some("payload_too_large"),
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                INVALID,
+                Some("model"),
+                Some("model_not_found"),
+            ),
             RouteNotFound { .. } => (StatusCode::NOT_FOUND, INVALID, None, Some("unknown_url")),
-            Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None, Some("unavailable")),
-            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("unavailable"),
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                None,
+            ),
         }
     }
 
@@ -158,7 +186,13 @@ mod tests {
             serde_json::json!({"error": {"message": "too hot", "type": "invalid_request_error",
                 "param": "temperature", "code": null}})
         );
-        assert_eq!(ApiError::ModelNotFound("x".into()).status(), StatusCode::NOT_FOUND);
-        assert_eq!(ApiError::UnknownField("foo".into()).body()["error"]["param"], "foo");
+        assert_eq!(
+            ApiError::ModelNotFound("x".into()).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            ApiError::UnknownField("foo".into()).body()["error"]["param"],
+            "foo"
+        );
     }
 }

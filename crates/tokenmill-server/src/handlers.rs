@@ -53,7 +53,10 @@ pub async fn list_models(State(state): State<AppState>) -> Json<serde_json::Valu
 }
 
 /// `GET /v1/models/{id}`
-pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if id == state.engine.model_info().name {
         Ok(Json(model_object(&state)))
     } else {
@@ -62,12 +65,18 @@ pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) ->
 }
 
 /// `POST /v1/completions`
-pub async fn completions(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
     generate(state, Endpoint::Completions, request).await
 }
 
 /// `POST /v1/chat/completions`
-pub async fn chat_completions(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
     generate(state, Endpoint::Chat, request).await
 }
 
@@ -79,7 +88,11 @@ pub async fn not_found(method: Method, request: Request) -> ApiError {
     }
 }
 
-async fn generate(state: AppState, endpoint: Endpoint, request: Request) -> Result<Response, ApiError> {
+async fn generate(
+    state: AppState,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
     let body = axum::body::to_bytes(request.into_body(), limit)
         .await
@@ -105,11 +118,17 @@ async fn generate(state: AppState, endpoint: Endpoint, request: Request) -> Resu
     if stream {
         Ok(stream_response(header, events, include_usage).into_response())
     } else {
-        collect_response(header, events).await.map(IntoResponse::into_response)
+        collect_response(header, events)
+            .await
+            .map(IntoResponse::into_response)
     }
 }
 
-fn submit(state: &AppState, header: &ResponseHeader, valid: ValidRequest) -> Result<UnboundedReceiver<GenerationEvent>, ApiError> {
+fn submit(
+    state: &AppState,
+    header: &ResponseHeader,
+    valid: ValidRequest,
+) -> Result<UnboundedReceiver<GenerationEvent>, ApiError> {
     let (sender, receiver) = unbounded_channel();
     let request = GenerateRequest {
         id: RequestId(header.id.clone()),
@@ -137,12 +156,19 @@ fn submit(state: &AppState, header: &ResponseHeader, valid: ValidRequest) -> Res
 fn failure(usage: &UsageEvent, error: Option<String>) -> Option<ApiError> {
     match usage.finish_reason {
         FinishReason::Stop | FinishReason::Length => None,
-        FinishReason::Cancelled => Some(ApiError::Unavailable("the request was cancelled".to_owned())),
-        FinishReason::Error => Some(ApiError::Internal(error.unwrap_or_else(|| "generation failed".to_owned()))),
+        FinishReason::Cancelled => Some(ApiError::Unavailable(
+            "the request was cancelled".to_owned(),
+        )),
+        FinishReason::Error => Some(ApiError::Internal(
+            error.unwrap_or_else(|| "generation failed".to_owned()),
+        )),
     }
 }
 
-async fn collect_response(header: ResponseHeader, mut events: UnboundedReceiver<GenerationEvent>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn collect_response(
+    header: ResponseHeader,
+    mut events: UnboundedReceiver<GenerationEvent>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let mut text = String::new();
     while let Some(event) = events.recv().await {
         match event {
@@ -152,11 +178,17 @@ async fn collect_response(header: ResponseHeader, mut events: UnboundedReceiver<
                     return Err(err);
                 }
                 let finish = finish_reason(usage.finish_reason);
-                return Ok(Json(header.full_response(text, finish, Usage::from(&usage))));
+                return Ok(Json(header.full_response(
+                    text,
+                    finish,
+                    Usage::from(&usage),
+                )));
             }
         }
     }
-    Err(ApiError::Internal("the engine dropped the request".to_owned()))
+    Err(ApiError::Internal(
+        "the engine dropped the request".to_owned(),
+    ))
 }
 
 fn sse_json(value: &serde_json::Value) -> Event {
@@ -178,7 +210,10 @@ fn stream_response(
         let (mut events, header) = state?;
         let Some(event) = events.recv().await else {
             let err = ApiError::Internal("the engine dropped the request".to_owned());
-            return Some((vec![sse_json(&err.body()), Event::default().data("[DONE]")], None));
+            return Some((
+                vec![sse_json(&err.body()), Event::default().data("[DONE]")],
+                None,
+            ));
         };
         match event {
             GenerationEvent::Text { text, .. } => {
@@ -194,7 +229,9 @@ fn stream_response(
                 match failure(&usage, error) {
                     Some(err) => out.push(sse_json(&err.body())),
                     None => {
-                        out.push(sse_json(&header.text_chunk("", finish_reason(usage.finish_reason))));
+                        out.push(sse_json(
+                            &header.text_chunk("", finish_reason(usage.finish_reason)),
+                        ));
                         if include_usage {
                             out.push(sse_json(&header.usage_chunk(Usage::from(&usage))));
                         }
@@ -214,4 +251,3 @@ fn stream_response(
 fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
-

@@ -80,7 +80,12 @@ pub struct ResponseHeader {
 
 impl ResponseHeader {
     /// The whole (non-streamed) response.
-    pub fn full_response(&self, text: String, finish: Option<&str>, usage: Usage) -> serde_json::Value {
+    pub fn full_response(
+        &self,
+        text: String,
+        finish: Option<&str>,
+        usage: Usage,
+    ) -> serde_json::Value {
         let choice = match self.endpoint {
             Endpoint::Completions => serde_json::json!({
                 "index": 0, "text": text, "logprobs": null, "finish_reason": finish,

@@ -42,7 +42,9 @@ impl Fields {
             serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
         match value {
             Value::Object(map) => Ok(Fields(map)),
-            _ => Err(ApiError::InvalidJson("the body must be a JSON object".to_owned())),
+            _ => Err(ApiError::InvalidJson(
+                "the body must be a JSON object".to_owned(),
+            )),
         }
     }
 
@@ -55,7 +57,10 @@ impl Fields {
         match self.take(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(ApiError::invalid(name, format!("'{name}' must be a string"))),
+            Some(_) => Err(ApiError::invalid(
+                name,
+                format!("'{name}' must be a string"),
+            )),
         }
     }
 
@@ -63,7 +68,10 @@ impl Fields {
         match self.take(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(_) => Err(ApiError::invalid(name, format!("'{name}' must be a boolean"))),
+            Some(_) => Err(ApiError::invalid(
+                name,
+                format!("'{name}' must be a boolean"),
+            )),
         }
     }
 
@@ -74,7 +82,10 @@ impl Fields {
                 .as_f64()
                 .map(Some)
                 .ok_or_else(|| ApiError::invalid(name, format!("'{name}' must be a number"))),
-            Some(_) => Err(ApiError::invalid(name, format!("'{name}' must be a number"))),
+            Some(_) => Err(ApiError::invalid(
+                name,
+                format!("'{name}' must be a number"),
+            )),
         }
     }
 
@@ -85,13 +96,20 @@ impl Fields {
                 .as_i64()
                 .map(Some)
                 .ok_or_else(|| ApiError::invalid(name, format!("'{name}' must be an integer"))),
-            Some(_) => Err(ApiError::invalid(name, format!("'{name}' must be an integer"))),
+            Some(_) => Err(ApiError::invalid(
+                name,
+                format!("'{name}' must be an integer"),
+            )),
         }
     }
 
     /// A field we accept only at its default: absent, `null` or a value for
     /// which `is_default` holds.
-    fn only_default(&mut self, name: &str, is_default: impl Fn(&Value) -> bool) -> Result<(), ApiError> {
+    fn only_default(
+        &mut self,
+        name: &str,
+        is_default: impl Fn(&Value) -> bool,
+    ) -> Result<(), ApiError> {
         match self.take(name) {
             Some(v) if !is_default(&v) => Err(ApiError::unsupported(
                 name,
@@ -152,13 +170,19 @@ fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiE
     }
     let top_p = fields.number("top_p")?.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid("top_p", format!("{top_p} is not in (0, 1] - 'top_p'")));
+        return Err(ApiError::invalid(
+            "top_p",
+            format!("{top_p} is not in (0, 1] - 'top_p'"),
+        ));
     }
     // Any 64-bit integer is a seed; negative ones keep their bits.
     let seed = fields.integer("seed")?.map(|s| s as u64);
     let n = fields.integer("n")?.unwrap_or(1);
     if n < 1 {
-        return Err(ApiError::invalid("n", format!("{n} is less than the minimum of 1 - 'n'")));
+        return Err(ApiError::invalid(
+            "n",
+            format!("{n} is less than the minimum of 1 - 'n'"),
+        ));
     }
     if n > 1 {
         return Err(ApiError::unsupported("n", "only n = 1 is supported"));
@@ -189,7 +213,12 @@ fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiE
             }
             include
         }
-        Some(_) => return Err(ApiError::invalid("stream_options", "'stream_options' must be an object")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "'stream_options' must be an object",
+            ))
+        }
     };
     fields.string("user")?;
     for name in ["presence_penalty", "frequency_penalty"] {
@@ -227,7 +256,10 @@ fn stop_strings(value: Option<Value>) -> Result<Vec<String>, ApiError> {
     if strings.len() > MAX_STOP_STRINGS {
         return Err(ApiError::invalid(
             "stop",
-            format!("at most {MAX_STOP_STRINGS} stop sequences are allowed, got {}", strings.len()),
+            format!(
+                "at most {MAX_STOP_STRINGS} stop sequences are allowed, got {}",
+                strings.len()
+            ),
         ));
     }
     Ok(strings)
@@ -295,7 +327,13 @@ pub fn completion(body: &[u8], engine: &dyn EngineClient) -> Result<ValidRequest
     fields.only_default("suffix", |v| v.as_str() == Some(""))?;
     fields.finish()?;
     let tokens = prompt_tokens(prompt, engine)?;
-    finish(common, tokens, "prompt", Some(DEFAULT_COMPLETION_MAX_TOKENS), engine)
+    finish(
+        common,
+        tokens,
+        "prompt",
+        Some(DEFAULT_COMPLETION_MAX_TOKENS),
+        engine,
+    )
 }
 
 /// A completion prompt: a string, token ids, or a list holding one of those.
@@ -362,9 +400,9 @@ pub fn chat(body: &[u8], engine: &dyn EngineClient) -> Result<ValidRequest, ApiE
     }
     fields.finish()?;
     let messages = chat_messages(messages)?;
-    let tokens = engine
-        .tokenize_chat(&messages)
-        .map_err(|e| ApiError::invalid("messages", format!("cannot apply the chat template: {e}")))?;
+    let tokens = engine.tokenize_chat(&messages).map_err(|e| {
+        ApiError::invalid("messages", format!("cannot apply the chat template: {e}"))
+    })?;
     finish(common, tokens, "messages", None, engine)
 }
 
@@ -373,7 +411,10 @@ fn chat_messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {
         return Err(ApiError::invalid("messages", "'messages' must be a list"));
     };
     if items.is_empty() {
-        return Err(ApiError::invalid("messages", "'messages' must hold at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "'messages' must hold at least one message",
+        ));
     }
     items
         .into_iter()
@@ -385,10 +426,15 @@ fn chat_messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {
 fn chat_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> {
     let param = |field: &str| format!("messages.[{index}].{field}");
     let Value::Object(mut map) = item else {
-        return Err(ApiError::invalid(&format!("messages.[{index}]"), "a message must be an object"));
+        return Err(ApiError::invalid(
+            &format!("messages.[{index}]"),
+            "a message must be an object",
+        ));
     };
     let role = match map.remove("role") {
-        Some(Value::String(r)) if matches!(r.as_str(), "system" | "developer" | "user" | "assistant") => {
+        Some(Value::String(r))
+            if matches!(r.as_str(), "system" | "developer" | "user" | "assistant") =>
+        {
             // "developer" is the newer name of the system role.
             if r == "developer" {
                 "system".to_owned()
@@ -402,12 +448,22 @@ fn chat_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> {
                 format!("role '{r}' is not supported (system, developer, user, assistant)"),
             ))
         }
-        _ => return Err(ApiError::invalid(&param("role"), "a message needs a 'role' string")),
+        _ => {
+            return Err(ApiError::invalid(
+                &param("role"),
+                "a message needs a 'role' string",
+            ))
+        }
     };
     let content = match map.remove("content") {
         Some(Value::String(s)) => s,
         Some(Value::Array(parts)) => text_parts(parts, &param("content"))?,
-        _ => return Err(ApiError::invalid(&param("content"), "a message needs a 'content' string")),
+        _ => {
+            return Err(ApiError::invalid(
+                &param("content"),
+                "a message needs a 'content' string",
+            ))
+        }
     };
     map.remove("name");
     if let Some((name, _)) = map.into_iter().find(|(_, v)| !v.is_null()) {
@@ -420,10 +476,16 @@ fn chat_message(index: usize, item: Value) -> Result<ChatMessage, ApiError> {
 fn text_parts(parts: Vec<Value>, param: &str) -> Result<String, ApiError> {
     let mut text = String::new();
     for part in parts {
-        match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+        match (
+            part.get("type").and_then(Value::as_str),
+            part.get("text").and_then(Value::as_str),
+        ) {
             (Some("text"), Some(t)) => text.push_str(t),
             (Some(kind), _) if kind != "text" => {
-                return Err(ApiError::unsupported(param, format!("content parts of type '{kind}' are not supported")))
+                return Err(ApiError::unsupported(
+                    param,
+                    format!("content parts of type '{kind}' are not supported"),
+                ))
             }
             _ => return Err(ApiError::invalid(param, "a text content part needs 'text'")),
         }

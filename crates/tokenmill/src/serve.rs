@@ -53,7 +53,10 @@ fn resolve_model(args: &ServeArgs) -> anyhow::Result<(PathBuf, String)> {
                 known.fetch_script
             );
         }
-        let name = args.served_model_name.clone().unwrap_or_else(|| known.name.to_owned());
+        let name = args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| known.name.to_owned());
         return Ok((path, name));
     }
     let path = PathBuf::from(&args.model);
@@ -61,10 +64,17 @@ fn resolve_model(args: &ServeArgs) -> anyhow::Result<(PathBuf, String)> {
         bail!(
             "--model {}: neither a known model ({}) nor a .gguf file",
             args.model,
-            catalog::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+            catalog::KNOWN_MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok((path, args.served_model_name.clone().unwrap_or(stem)))
 }
 
@@ -134,10 +144,11 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return interrupt.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return interrupt.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = interrupt => {},
             _ = term.recv() => {},
