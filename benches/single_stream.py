@@ -27,6 +27,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -112,6 +113,8 @@ class Measurement:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     completion_tokens_source: str | None = None  # usage | chunks
+    retokenized_completion_tokens: int | None = None  # llama.cpp only: the output text tokenized again
+    server_log: dict[str, float] | None = None  # llama.cpp only: its own llama_perf timings of this request
     decode_tps: float | None = None
     excluded_from_decode: str | None = None
 
@@ -158,6 +161,27 @@ def post_stream(host: str, port: int, body: dict[str, Any], timeout: float) -> t
         return resp.status, events, time.perf_counter() - t0
     finally:
         conn.close()
+
+
+def post_json(port: int, path: str, body: dict[str, Any], timeout: float = 60.0) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"POST {path}: HTTP {resp.status}: {data[:300].decode(errors='replace')}")
+        return json.loads(data)
+    finally:
+        conn.close()
+
+
+def count_tokens(port: int, text: str) -> int | None:
+    """Tokens in `text` by llama-cpp-python's /extras/tokenize/count (the tokenizer its completions use)."""
+    try:
+        return int(post_json(port, "/extras/tokenize/count", {"model": SERVED_NAME, "input": text})["count"])
+    except Exception:  # noqa: BLE001 - an extra, not a measurement
+        return None
 
 
 def measure(server: str, port: int, prompt_name: str, prompt: str, run: int, max_tokens: int,
@@ -210,6 +234,9 @@ def measure(server: str, port: int, prompt_name: str, prompt: str, run: int, max
     else:  # llama-cpp-python ignores stream_options: one chunk per token (see README)
         m.completion_tokens = m.token_chunks
         m.completion_tokens_source = "chunks"
+        # Counted after the timed stream; a cross-check, not the figure used.
+        m.prompt_tokens = count_tokens(port, prompt)
+        m.retokenized_completion_tokens = count_tokens(port, m.text)
     if m.ttft_s is None:
         m.error = "no text in the stream"
         return m
@@ -277,6 +304,43 @@ class Server:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+PERF_RE = re.compile(r"llama_perf_context_print:\s+(prompt eval|eval) time =\s+([0-9.]+) ms /\s+(\d+) (?:tokens|runs)")
+
+
+def llama_perf(log_text: str) -> dict[str, float] | None:
+    """llama.cpp's own timings of one request, from the lines it logs when the request ends.
+
+    `eval` covers the decode steps after the first token (runs = completion tokens - 1);
+    llama-cpp-python's `prompt eval` figures are not reliable (it often logs ~0 ms).
+    """
+    out: dict[str, float] = {}
+    for kind, ms, n in PERF_RE.findall(log_text):
+        key = "prompt_eval" if kind == "prompt eval" else "eval"
+        out[f"{key}_ms"], out[f"{key}_n"] = float(ms), int(n)
+    if out.get("eval_ms"):
+        out["eval_tps"] = out["eval_n"] / out["eval_ms"] * 1000
+    return out or None
+
+
+def cpu_busy_ticks() -> int | None:
+    """Busy clock ticks of the whole machine so far (/proc/stat)."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def process_ticks(pid: int) -> int | None:
+    """utime + stime of a process, all its threads, so far (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])
 
 
 def port_in_use(port: int) -> bool:
@@ -356,9 +420,12 @@ def provenance(args: argparse.Namespace, servers: list[str]) -> dict[str, Any]:
         info["tokenmill_version"] = run_text([str(args.tokenmill_bin), "--version"])
         info["tokenmill_bin"] = str(args.tokenmill_bin)
         try:
-            info["tokenmill_bin_mtime"] = _dt.datetime.fromtimestamp(
-                args.tokenmill_bin.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
-        except OSError:
+            mtime = args.tokenmill_bin.stat().st_mtime
+            info["tokenmill_bin_mtime"] = _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="seconds")
+            committed = run_text(["git", "log", "-1", "--format=%ct"], REPO)
+            if committed and mtime < int(committed):
+                info["tokenmill_bin_stale"] = "the binary is older than the commit: it may not be built from it"
+        except (OSError, ValueError):
             pass
     if "llamacpp" in servers:
         info["llama_cpp_python"] = run_text([args.llamacpp_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"])
@@ -413,12 +480,22 @@ def markdown(info: dict[str, Any], rows: list[dict[str, Any]], results: list[Mea
         f"{info['runs']} runs per prompt after {info['warmup']} warm-up requests",
     ]
     if "tokenmill_commit" in info:
-        lines.append(f"- tokenmill: commit {info['tokenmill_commit']} ({info.get('tokenmill_version')})")
+        line = (f"- tokenmill: commit {info['tokenmill_commit']} ({info.get('tokenmill_version')}), "
+                f"binary built {info.get('tokenmill_bin_mtime')}")
+        if "tokenmill_bin_stale" in info:
+            line += f" (**{info['tokenmill_bin_stale']}**)"
+        lines.append(line)
     if "llama_cpp_python" in info:
         lines.append(f"- llama.cpp: llama-cpp-python {info['llama_cpp_python']}")
     for name, phase in info.get("phases", {}).items():
-        lines.append(f"- {name}: ready in {fmt(phase.get('ready_s'))} s; load average "
-                     f"{phase['loadavg_before'][0]:.2f} before, {phase.get('loadavg_after', [float('nan')])[0]:.2f} after")
+        line = (f"- {name}: ready in {fmt(phase.get('ready_s'))} s; load average "
+                f"{phase['loadavg_before'][0]:.2f} before, {phase.get('loadavg_after', [float('nan')])[0]:.2f} after")
+        if "other_cpus" in phase:
+            line += (f"; during the measured requests the server used {phase['server_cpus']:.2f} CPUs "
+                     f"and everything else {phase['other_cpus']:.2f} CPUs")
+            if phase["other_cpus"] > 0.25:
+                line += " (**busy machine: figures not trustworthy**)"
+        lines.append(line)
     lines += [
         f"- command: `{info['command']}`",
         "",
@@ -476,20 +553,38 @@ def bench_server(name: str, args: argparse.Namespace, port: int, info: dict[str,
             if not m.ok:
                 raise RuntimeError(f"{name}: warm-up request failed: {m.error}; log {server.log}:\n{tail(server.log)}")
         request = 0
+        pid = server.proc.pid if server.proc else 0
+        wall0, busy0, own0 = time.monotonic(), cpu_busy_ticks(), process_ticks(pid)
         for run in range(args.runs):
             for prompt_name in names:
+                log_at = server.log.stat().st_size
                 m = measure(name, port, prompt_name, numbered(PROMPTS[prompt_name], request), run,
                             args.max_tokens, args.min_decode_tokens, args.request_timeout)
                 request += 1
+                if name == "llamacpp":
+                    with open(server.log, "rb") as log:
+                        log.seek(log_at)
+                        m.server_log = llama_perf(log.read().decode(errors="replace"))
                 results.append(m)
                 status = (f"TTFT {fmt(m.ttft_s and m.ttft_s * 1000)} ms, {m.completion_tokens} tokens "
                           f"({m.completion_tokens_source}, {len(m.chunk_times_s)} text chunks), "
                           f"decode {fmt(m.decode_tps)} tok/s") if m.ok else f"FAILED: {m.error}"
+                if m.server_log and "eval_tps" in m.server_log:
+                    status += (f"; llama.cpp log: {m.server_log['eval_n']:.0f} decode steps at "
+                               f"{m.server_log['eval_tps']:.1f} tok/s")
+                if m.retokenized_completion_tokens is not None:
+                    status += f"; output text re-tokenized: {m.retokenized_completion_tokens} tokens"
                 if m.excluded_from_decode:
                     status += f" [excluded: {m.excluded_from_decode}]"
                 print(f"[{name}] run {run} {prompt_name:6s} prompt_tokens={m.prompt_tokens}: {status}", file=sys.stderr)
                 if not m.ok and server.proc is not None and server.proc.poll() is not None:
                     raise RuntimeError(f"{name} died; log {server.log}:\n{tail(server.log)}")
+        wall, busy1, own1 = time.monotonic() - wall0, cpu_busy_ticks(), process_ticks(pid)
+        if None not in (busy0, busy1, own0, own1) and wall > 0:
+            hz = os.sysconf("SC_CLK_TCK")
+            phase["measured_wall_s"] = wall
+            phase["server_cpus"] = (own1 - own0) / hz / wall
+            phase["other_cpus"] = max(0.0, ((busy1 - busy0) - (own1 - own0)) / hz / wall)
     finally:
         phase["loadavg_after"] = list(os.getloadavg())
         server.stop()
@@ -530,6 +625,7 @@ def main() -> int:
         raise KeyboardInterrupt()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (cmd &)
 
     info = provenance(args, servers)
     results: list[Measurement] = []

@@ -5,6 +5,7 @@
 use crate::kv::BlockPool;
 use crate::sched::{Scheduler, SchedulerConfig, Sequence};
 use candle_core::Tensor;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -36,6 +37,21 @@ impl Default for EngineConfig {
     }
 }
 
+/// Counters the engine publishes after every step, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// KV blocks not owned by any sequence.
+    pub free_blocks: AtomicUsize,
+    /// Sequences waiting for admission.
+    pub waiting: AtomicUsize,
+    /// Sequences admitted (prefilling or decoding).
+    pub running: AtomicUsize,
+    /// Forward steps run.
+    pub steps: AtomicU64,
+    /// Sequences preempted for lack of KV blocks.
+    pub preemptions: AtomicU64,
+}
+
 enum Command {
     Submit(Box<GenerateRequest>, Box<dyn EventSink>),
 }
@@ -48,6 +64,7 @@ pub struct Engine {
     chat_template: Arc<ChatTemplate>,
     commands: Sender<Command>,
     kv_capacity_tokens: usize,
+    stats: Arc<EngineStats>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -71,6 +88,11 @@ impl Engine {
         let cache = model.new_kv_cache(config.block_size, config.num_blocks)?;
         let tokenizer = Arc::new(tokenizer);
         let (commands, receiver) = mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        stats
+            .free_blocks
+            .store(config.num_blocks, Ordering::Relaxed);
+        let worker_stats = stats.clone();
         let worker_tokenizer = tokenizer.clone();
         let worker_config = config.clone();
         let thread = std::thread::Builder::new()
@@ -85,6 +107,7 @@ impl Engine {
                     cache,
                     tokenizer: worker_tokenizer,
                     commands: receiver,
+                    stats: worker_stats,
                 }
                 .run()
             })
@@ -99,8 +122,16 @@ impl Engine {
             chat_template: Arc::new(chat_template),
             commands,
             kv_capacity_tokens: config.block_size * config.num_blocks,
+            stats,
             thread: Some(thread),
         })
+    }
+}
+
+impl Engine {
+    /// The engine's live counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 }
 
@@ -169,6 +200,7 @@ struct StepLoop {
     cache: PagedKvCache,
     tokenizer: Arc<ModelTokenizer>,
     commands: Receiver<Command>,
+    stats: Arc<EngineStats>,
 }
 
 impl StepLoop {
@@ -179,6 +211,7 @@ impl StepLoop {
             self.scheduler.drop_cancelled(&self.tokenizer);
             let plan = self.scheduler.schedule();
             if plan.is_empty() {
+                self.publish_stats();
                 continue;
             }
             let started = Instant::now();
@@ -202,6 +235,8 @@ impl StepLoop {
                     );
                 }
             }
+            self.stats.steps.fetch_add(1, Ordering::Relaxed);
+            self.publish_stats();
         }
         tracing::info!("engine stopped");
     }
@@ -223,6 +258,18 @@ impl StepLoop {
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
+    }
+
+    fn publish_stats(&self) {
+        let (waiting, running) = self.scheduler.len();
+        self.stats.waiting.store(waiting, Ordering::Relaxed);
+        self.stats.running.store(running, Ordering::Relaxed);
+        self.stats
+            .free_blocks
+            .store(self.scheduler.pool().num_free(), Ordering::Relaxed);
+        self.stats
+            .preemptions
+            .store(self.scheduler.preemptions(), Ordering::Relaxed);
     }
 
     fn handle(&mut self, command: Command) {

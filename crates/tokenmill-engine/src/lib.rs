@@ -13,5 +13,5 @@ pub mod output;
 pub mod sampler;
 pub mod sched;
 
-pub use engine::{Engine, EngineConfig};
+pub use engine::{Engine, EngineConfig, EngineStats};
 pub use sched::SchedulerConfig;

@@ -125,6 +125,18 @@ impl ModelTokenizer {
         })
     }
 
+    /// Reads only the tokenizer of a `.gguf` file (its metadata, not its
+    /// weights).
+    pub fn from_gguf_file(path: &std::path::Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let content = Content::read(&mut std::io::BufReader::new(file))
+            .map_err(|e| ModelError::Metadata(format!("{}: {e}", path.display())))?;
+        Self::from_gguf(&content)
+    }
+
     /// Token ids of `text`, with control tokens written in the text parsed as
     /// such, and the BOS token first when the model asks for one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

@@ -75,6 +75,7 @@ pub struct Scheduler {
     running: Vec<Sequence>,
     /// Most tokens one sequence may hold.
     context_length: usize,
+    preemptions: u64,
 }
 
 impl Scheduler {
@@ -86,6 +87,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             context_length,
+            preemptions: 0,
         }
     }
 
@@ -107,6 +109,11 @@ impl Scheduler {
     /// Sequences waiting and running.
     pub fn len(&self) -> (usize, usize) {
         (self.waiting.len(), self.running.len())
+    }
+
+    /// Sequences preempted so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
     }
 
     /// Ends every sequence whose client is gone; their blocks return to the
@@ -190,6 +197,7 @@ impl Scheduler {
             let victim_index = self.running.len();
             tracing::debug!(request_id = %victim.request.id, "preempted: out of KV blocks");
             victim.reset_cache();
+            self.preemptions += 1;
             self.waiting.push_front(victim);
             if victim_index == i {
                 return false;
@@ -258,5 +266,107 @@ impl Scheduler {
         for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
             seq.finish(reason, tokenizer, Some(message.to_owned()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+    use tokenmill_protocol::{
+        EventSink, GenerateRequest, GenerationEvent, RequestId, SamplingParams, StopConditions,
+        TenantId,
+    };
+
+    struct Discard;
+    impl EventSink for Discard {
+        fn send(&self, _: GenerationEvent) -> bool {
+            true
+        }
+        fn is_closed(&self) -> bool {
+            false
+        }
+    }
+
+    fn tokenizer() -> ModelTokenizer {
+        let path = tokenmill_models::catalog::find("smollm2").unwrap().path();
+        ModelTokenizer::from_gguf_file(&path).expect("run models/fetch-smollm2.sh")
+    }
+
+    fn sequence(pool: &BlockPool, prompt_len: usize, max_tokens: usize) -> Sequence {
+        let request = GenerateRequest {
+            id: RequestId(format!("r{prompt_len}")),
+            tenant: TenantId::anonymous(),
+            model: "m".into(),
+            prompt_tokens: (100..100 + prompt_len as u32).collect(),
+            sampling: SamplingParams::greedy(),
+            stop: StopConditions {
+                max_tokens,
+                stop_strings: vec![],
+            },
+            arrived_at: SystemTime::now(),
+        };
+        Sequence::new(request, Box::new(Discard), pool.empty_sequence())
+    }
+
+    /// Runs steps with logits that always pick token 300 until all finish;
+    /// returns the number of steps.
+    fn drive(s: &mut Scheduler, t: &ModelTokenizer) -> usize {
+        let mut row = vec![0f32; 49152];
+        row[300] = 1.0;
+        let mut steps = 0;
+        while !s.is_idle() {
+            let out = s.schedule();
+            assert!(
+                !out.is_empty(),
+                "stalled with {:?} waiting/running",
+                s.len()
+            );
+            assert!(out.num_tokens() <= s.config.max_batched_tokens);
+            let rows = vec![row.clone(); out.chunks.iter().filter(|c| c.samples).count()];
+            s.update_from_output(&out, &rows, 0.01, t);
+            steps += 1;
+            assert!(steps < 10_000);
+        }
+        steps
+    }
+
+    #[test]
+    fn a_small_cache_preempts_and_still_finishes_everything() {
+        let t = tokenizer();
+        let pool = BlockPool::new(6, 8);
+        let config = SchedulerConfig {
+            max_batched_tokens: 16,
+            max_num_seqs: 8,
+        };
+        let mut s = Scheduler::new(config, pool.clone(), 8192);
+        for len in [9, 6, 7, 8, 10, 5] {
+            s.add(sequence(&pool, len, 24));
+        }
+        drive(&mut s, &t);
+        assert!(s.preemptions() > 0);
+        assert_eq!(pool.num_free(), 6);
+    }
+
+    #[test]
+    fn long_prompts_are_prefilled_in_chunks_under_the_budget() {
+        let t = tokenizer();
+        let pool = BlockPool::new(64, 16);
+        let config = SchedulerConfig {
+            max_batched_tokens: 32,
+            max_num_seqs: 4,
+        };
+        let mut s = Scheduler::new(config, pool.clone(), 8192);
+        s.add(sequence(&pool, 100, 2));
+        let first = s.schedule();
+        assert_eq!(first.num_tokens(), 32);
+        assert!(
+            !first.chunks[0].samples,
+            "a partial prefill samples nothing"
+        );
+        s.update_from_output(&first, &[], 0.0, &t);
+        // 100 prompt tokens in 4 steps of at most 32, then one decode step.
+        assert_eq!(drive(&mut s, &t), 4);
+        assert_eq!(pool.num_free(), 64);
     }
 }
