@@ -254,7 +254,7 @@ impl Scheduler {
             }
         }
         // Remove from the back so earlier indices stay valid.
-        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (index, reason) in finished {
             let seq = self.running.remove(index);
             seq.finish(reason, tokenizer, None);
