@@ -12,6 +12,7 @@ pub mod batch;
 pub mod catalog;
 pub mod chat_template;
 pub mod config;
+pub mod cpu_attention;
 pub mod error;
 pub mod kv_cache;
 pub mod llama;

@@ -13,6 +13,7 @@
 
 use crate::batch::{ForwardBatch, LogitRows, SequenceChunk};
 use crate::config::LlamaConfig;
+use crate::cpu_attention::{paged_decode_attention, DecodeShape};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -98,15 +99,31 @@ impl Rotary {
         })
     }
 
+    /// The tables of the batch's positions, gathered once per forward.
+    fn at(&self, positions: &Tensor) -> Result<RotaryAt> {
+        Ok(RotaryAt {
+            cos: self.cos.index_select(positions, 0)?,
+            sin: self.sin.index_select(positions, 0)?,
+            neox: self.neox,
+        })
+    }
+}
+
+/// Rotary tables for the tokens of one batch, in batch order.
+struct RotaryAt {
+    cos: Tensor,
+    sin: Tensor,
+    neox: bool,
+}
+
+impl RotaryAt {
     /// Rotates `x` (`[1, heads, tokens, head_dim]`) by each token's position.
-    fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let cos = self.cos.index_select(positions, 0)?;
-        let sin = self.sin.index_select(positions, 0)?;
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         Ok(if self.neox {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+            candle_nn::rotary_emb::rope(&x, &self.cos, &self.sin)?
         } else {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+            candle_nn::rotary_emb::rope_i(&x, &self.cos, &self.sin)?
         })
     }
 }
@@ -264,10 +281,11 @@ impl Llama {
         )?;
         let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         let positions = Tensor::new(batch.positions().as_slice(), &self.device)?;
+        let rotary = self.rotary.at(&positions)?;
         let mut hidden = self.embeddings.index_select(&tokens, 0)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = layer.attn_norm.forward(&hidden)?;
-            let attn = self.attention(index, &layer.attn, &normed, &positions, batch, cache)?;
+            let attn = self.attention(index, &layer.attn, &normed, &rotary, batch, cache)?;
             hidden = (hidden + attn)?;
             let normed = layer.mlp_norm.forward(&hidden)?;
             hidden = (&hidden + layer.mlp.forward(&normed)?)?;
@@ -302,7 +320,7 @@ impl Llama {
         layer: usize,
         attn: &Attention,
         x: &Tensor,
-        positions: &Tensor,
+        rotary: &RotaryAt,
         batch: &ForwardBatch,
         cache: &PagedKvCache,
     ) -> Result<Tensor> {
@@ -317,10 +335,8 @@ impl Llama {
                 .transpose(0, 1)?
                 .unsqueeze(0)?)
         };
-        let q = self.rotary.apply(&to_heads(q, cfg.num_heads)?, positions)?;
-        let k = self
-            .rotary
-            .apply(&to_heads(k, cfg.num_kv_heads)?, positions)?;
+        let q = rotary.apply(&to_heads(q, cfg.num_heads)?)?;
+        let k = rotary.apply(&to_heads(k, cfg.num_kv_heads)?)?;
         // Back to token-major rows for the cache: [tokens, kv_width].
         let k = k
             .squeeze(0)?
@@ -339,11 +355,56 @@ impl Llama {
                 &v.narrow(0, offset, len)?,
             )?;
             let q_chunk = q.narrow(1, offset, len)?;
-            outputs.push(self.sequence_attention(layer, chunk, &q_chunk, cache)?);
+            let out = match self.decode_attention_in_place(layer, chunk, &q_chunk, cache)? {
+                Some(out) => out,
+                None => self.sequence_attention(layer, chunk, &q_chunk, cache)?,
+            };
+            outputs.push(out);
             offset += len;
         }
         let out = Tensor::cat(&outputs, 0)?;
         attn.o.forward(&out)
+    }
+
+    /// A decode token's attention straight over the paged CPU cache (no
+    /// gathered copy of the context); `None` for prefill chunks or a cache
+    /// outside CPU memory.
+    fn decode_attention_in_place(
+        &self,
+        layer: usize,
+        chunk: &SequenceChunk,
+        q: &Tensor,
+        cache: &PagedKvCache,
+    ) -> Result<Option<Tensor>> {
+        if chunk.num_tokens != 1 || !self.device.is_cpu() {
+            return Ok(None);
+        }
+        let cfg = &self.cfg;
+        let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let shape = DecodeShape {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            block_size: cache.block_size(),
+        };
+        let out = cache.with_cpu_rows(layer, |keys, values| {
+            paged_decode_attention(
+                shape,
+                &q,
+                keys,
+                values,
+                &chunk.block_table,
+                chunk.context_len,
+            )
+        });
+        match out {
+            Some(out) => Ok(Some(Tensor::from_vec(
+                out,
+                (1, cfg.num_heads * cfg.head_dim),
+                &self.device,
+            )?)),
+            None => Ok(None),
+        }
     }
 
     /// Causal attention of one sequence's new queries (`[heads, len,
