@@ -275,7 +275,9 @@ impl StepLoop {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Submit(request, sink) => {
-                let blocks = self.scheduler.pool().empty_sequence();
+                // The tenant is the prefix cache's salt: one tenant's
+                // prompts never serve another's.
+                let blocks = self.scheduler.pool().empty_sequence(&request.tenant.0);
                 self.scheduler.add(Sequence::new(*request, sink, blocks));
             }
         }

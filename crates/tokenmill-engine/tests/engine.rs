@@ -192,3 +192,27 @@ fn a_client_that_leaves_stops_its_generation_and_frees_its_blocks() {
     );
     wait_for_idle(&engine, config.num_blocks);
 }
+
+#[test]
+fn a_repeated_long_prompt_is_served_from_the_prefix_cache_with_the_same_output() {
+    let config = EngineConfig::default();
+    let engine = start(config.clone());
+    let prompt = "The history of the printing press begins in the fifteenth century. ".repeat(12);
+    let (first_text, first_ids, first) = collect(submit(&engine, "first", &prompt, 16, None));
+    let (second_text, second_ids, second) = collect(submit(&engine, "second", &prompt, 16, None));
+    assert_eq!(first.tokens.cached_prompt_tokens, 0);
+    let prompt_tokens = second.tokens.prompt_tokens;
+    assert!(prompt_tokens > 100, "{prompt_tokens}");
+    // Every full block but the one holding the last prompt token.
+    let block = config.block_size as u64;
+    assert_eq!(
+        second.tokens.cached_prompt_tokens,
+        (prompt_tokens - 1) / block * block
+    );
+    assert_eq!(
+        first_ids, second_ids,
+        "cached keys and values change nothing"
+    );
+    assert_eq!(first_text, second_text);
+    wait_for_idle(&engine, config.num_blocks);
+}

@@ -1,7 +1,11 @@
-//! Decode attention on the CPU that reads keys and values where they lie in
-//! the paged cache, block by block, instead of gathering them into a
-//! contiguous copy first. One decode token per call; prefill chunks go
-//! through candle's batched matmuls.
+//! Decode attention that reads keys and values where they lie in the paged
+//! cache, block by block, instead of gathering them into a contiguous copy:
+//! the CPU reference of the paged-attention decode kernel.
+//!
+//! The forward does not use it yet: its summation order differs from the
+//! prefill path's matmuls, so a sequence recomputed after preemption could
+//! part ways with its first run at a close greedy choice. It becomes the hot
+//! path once prefill attention runs over blocks in the same order.
 
 /// Shapes of one decode-attention call.
 #[derive(Clone, Copy, Debug)]

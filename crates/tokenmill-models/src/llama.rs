@@ -13,7 +13,6 @@
 
 use crate::batch::{ForwardBatch, LogitRows, SequenceChunk};
 use crate::config::LlamaConfig;
-use crate::cpu_attention::{paged_decode_attention, DecodeShape};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
@@ -355,59 +354,19 @@ impl Llama {
                 &v.narrow(0, offset, len)?,
             )?;
             let q_chunk = q.narrow(1, offset, len)?;
-            let out = match self.decode_attention_in_place(layer, chunk, &q_chunk, cache)? {
-                Some(out) => out,
-                None => self.sequence_attention(layer, chunk, &q_chunk, cache)?,
-            };
-            outputs.push(out);
+            outputs.push(self.sequence_attention(layer, chunk, &q_chunk, cache)?);
             offset += len;
         }
         let out = Tensor::cat(&outputs, 0)?;
         attn.o.forward(&out)
     }
 
-    /// A decode token's attention straight over the paged CPU cache (no
-    /// gathered copy of the context); `None` for prefill chunks or a cache
-    /// outside CPU memory.
-    fn decode_attention_in_place(
-        &self,
-        layer: usize,
-        chunk: &SequenceChunk,
-        q: &Tensor,
-        cache: &PagedKvCache,
-    ) -> Result<Option<Tensor>> {
-        if chunk.num_tokens != 1 || !self.device.is_cpu() {
-            return Ok(None);
-        }
-        let cfg = &self.cfg;
-        let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-        let shape = DecodeShape {
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            block_size: cache.block_size(),
-        };
-        let out = cache.with_cpu_rows(layer, |keys, values| {
-            paged_decode_attention(
-                shape,
-                &q,
-                keys,
-                values,
-                &chunk.block_table,
-                chunk.context_len,
-            )
-        });
-        match out {
-            Some(out) => Ok(Some(Tensor::from_vec(
-                out,
-                (1, cfg.num_heads * cfg.head_dim),
-                &self.device,
-            )?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Causal attention of one sequence's new queries (`[heads, len,
+    /// Causal attention of one sequence's new queries. Decode tokens and
+    /// prefill chunks take this same path on purpose: a sequence recomputed
+    /// after preemption, or continued from cached blocks, then gets bit-for-bit
+    /// the keys, values and tokens it would have had (an in-place decode
+    /// kernel, `cpu_attention`, sums in another order and can flip a close
+    /// greedy choice). (`[heads, len,
     /// head_dim]`) over its whole context; returns `[len, heads * head_dim]`.
     fn sequence_attention(
         &self,

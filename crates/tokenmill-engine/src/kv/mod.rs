@@ -2,4 +2,4 @@
 
 mod block_pool;
 
-pub use block_pool::{BlockPool, SequenceBlocks};
+pub use block_pool::{BlockHash, BlockPool, SequenceBlocks};

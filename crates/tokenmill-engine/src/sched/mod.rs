@@ -7,7 +7,9 @@
 //! running sequences go first, then prefills (new or partial, in arrival
 //! order) under the step's token budget; long prompts are prefilled in chunks.
 //! When the KV cache runs out of blocks the newest running sequence is
-//! preempted and later recomputed from its tokens.
+//! preempted and later recomputed from its tokens. A sequence being admitted
+//! first takes the cached blocks that already hold a prefix of its tokens
+//! (same tenant only) and computes only the rest.
 
 mod sequence;
 
@@ -165,10 +167,16 @@ impl Scheduler {
             let Some(seq) = self.waiting.front_mut() else {
                 break;
             };
+            if seq.num_computed == 0 {
+                seq.take_cached_prefix();
+            }
             let want = seq.uncomputed().min(budget);
             if !seq.blocks.reserve(seq.num_computed + want) {
+                // Not now: let go of any cached blocks it took meanwhile.
+                seq.reset_cache();
                 break;
             }
+            seq.mark_admitted();
             let samples = seq.num_computed + want == seq.tokens.len();
             if let Some(seq) = self.waiting.pop_front() {
                 self.running.push(seq);
@@ -244,6 +252,8 @@ impl Scheduler {
         for chunk in &output.chunks {
             let seq = &mut self.running[chunk.running_index];
             seq.num_computed += chunk.num_tokens;
+            seq.blocks
+                .register_full_blocks(&seq.tokens, seq.num_computed);
             seq.charge(step_seconds * chunk.num_tokens as f64 / total);
             if !chunk.samples {
                 continue;
@@ -306,7 +316,7 @@ mod tests {
             },
             arrived_at: SystemTime::now(),
         };
-        Sequence::new(request, Box::new(Discard), pool.empty_sequence())
+        Sequence::new(request, Box::new(Discard), pool.empty_sequence("t"))
     }
 
     /// Runs steps with logits that always pick token 300 until all finish;

@@ -26,6 +26,10 @@ pub struct Sequence {
     output: OutputText,
     sink: Box<dyn EventSink>,
     device_seconds: f64,
+    /// Prompt tokens served from the prefix cache at first admission.
+    cached_prompt_tokens: usize,
+    /// Whether the sequence was ever admitted (a preempted one was).
+    admitted_before: bool,
     finished: bool,
 }
 
@@ -40,6 +44,8 @@ impl Sequence {
             output: OutputText::new(request.stop.stop_strings.clone()),
             sink,
             device_seconds: 0.0,
+            cached_prompt_tokens: 0,
+            admitted_before: false,
             finished: false,
             request,
         }
@@ -63,6 +69,24 @@ impl Sequence {
     /// Whether the client is gone.
     pub fn is_cancelled(&self) -> bool {
         self.sink.is_closed()
+    }
+
+    /// Takes the cached blocks holding a prefix of the tokens; always leaves
+    /// at least one token to compute, whose logits give the next token.
+    pub fn take_cached_prefix(&mut self) {
+        self.num_computed = self
+            .blocks
+            .take_cached_prefix(&self.tokens, self.tokens.len() - 1);
+    }
+
+    /// Records the first admission. Only its cache hit counts toward billed
+    /// cached tokens: a preempted sequence's recomputation is the server's
+    /// cost either way.
+    pub fn mark_admitted(&mut self) {
+        if !self.admitted_before {
+            self.cached_prompt_tokens = self.num_computed.min(self.prompt_len());
+            self.admitted_before = true;
+        }
     }
 
     /// Adds device time attributed to this sequence.
@@ -117,7 +141,7 @@ impl Sequence {
     pub fn token_counts(&self) -> TokenCounts {
         TokenCounts {
             prompt_tokens: self.prompt_len() as u64,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: self.cached_prompt_tokens as u64,
             completion_tokens: self.generated() as u64,
         }
     }
