@@ -25,6 +25,10 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     /// Step limits.
     pub scheduler: SchedulerConfig,
+    /// Most requests accepted and not yet finished (running or waiting);
+    /// beyond it `submit` answers `Overloaded` instead of queueing without
+    /// bound.
+    pub max_in_flight: usize,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +37,7 @@ impl Default for EngineConfig {
             block_size: 16,
             num_blocks: 1024,
             scheduler: SchedulerConfig::default(),
+            max_in_flight: 1024,
         }
     }
 }
@@ -50,10 +55,33 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     /// Sequences preempted for lack of KV blocks.
     pub preemptions: AtomicU64,
+    /// Requests accepted and not yet finished.
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 enum Command {
-    Submit(Box<GenerateRequest>, Box<dyn EventSink>),
+    Submit(Box<GenerateRequest>, Box<dyn EventSink>, InFlight),
+}
+
+/// One request's place in the in-flight count; dropping it (with the request's
+/// sequence, on whatever path that ends) gives the place back.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn claim(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(count.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The running engine: a handle that implements [`EngineClient`]. Dropping
@@ -64,6 +92,7 @@ pub struct Engine {
     chat_template: Arc<ChatTemplate>,
     commands: Sender<Command>,
     kv_capacity_tokens: usize,
+    max_in_flight: usize,
     stats: Arc<EngineStats>,
     thread: Option<JoinHandle<()>>,
 }
@@ -122,6 +151,7 @@ impl Engine {
             chat_template: Arc::new(chat_template),
             commands,
             kv_capacity_tokens: config.block_size * config.num_blocks,
+            max_in_flight: config.max_in_flight,
             stats,
             thread: Some(thread),
         })
@@ -176,8 +206,13 @@ impl EngineClient for Engine {
                 self.kv_capacity_tokens
             )));
         }
+        let Some(slot) = InFlight::claim(&self.stats.in_flight, self.max_in_flight) else {
+            return Err(SubmitError::Overloaded {
+                retry_after_seconds: 1,
+            });
+        };
         self.commands
-            .send(Command::Submit(Box::new(request), sink))
+            .send(Command::Submit(Box::new(request), sink, slot))
             .map_err(|_| SubmitError::Unavailable("the engine has stopped".to_owned()))
     }
 }
@@ -274,11 +309,12 @@ impl StepLoop {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Submit(request, sink) => {
+            Command::Submit(request, sink, slot) => {
                 // The tenant is the prefix cache's salt: one tenant's
                 // prompts never serve another's.
                 let blocks = self.scheduler.pool().empty_sequence(&request.tenant.0);
-                self.scheduler.add(Sequence::new(*request, sink, blocks));
+                self.scheduler
+                    .add(Sequence::new(*request, sink, blocks).holding(slot));
             }
         }
     }

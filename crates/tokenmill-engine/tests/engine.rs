@@ -151,6 +151,7 @@ fn concurrent_requests_give_what_each_gives_alone_even_when_preempted() {
             max_batched_tokens: 16,
             max_num_seqs: 8,
         },
+        max_in_flight: 64,
     };
     let engine = start(tiny.clone());
     let receivers: Vec<_> = PROMPTS
@@ -215,4 +216,52 @@ fn a_repeated_long_prompt_is_served_from_the_prefix_cache_with_the_same_output()
     );
     assert_eq!(first_text, second_text);
     wait_for_idle(&engine, config.num_blocks);
+}
+
+#[test]
+fn a_full_queue_refuses_new_requests_until_one_finishes() {
+    let config = EngineConfig {
+        max_in_flight: 2,
+        ..EngineConfig::default()
+    };
+    let engine = start(config.clone());
+    let request = |id: &str| GenerateRequest {
+        id: RequestId(id.to_owned()),
+        tenant: TenantId::anonymous(),
+        model: "smollm2".to_owned(),
+        prompt_tokens: engine.tokenize(PROMPTS[0]).unwrap(),
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions {
+            max_tokens: 8,
+            stop_strings: Vec::new(),
+        },
+        arrived_at: SystemTime::now(),
+    };
+    let sink = || {
+        let (events, receiver) = channel();
+        let sink = TestSink {
+            events,
+            hang_up_after: None,
+            sent: Default::default(),
+        };
+        (Box::new(sink), receiver)
+    };
+    let (s1, r1) = sink();
+    let (s2, r2) = sink();
+    let (s3, _r3) = sink();
+    engine.submit(request("one"), s1).unwrap();
+    engine.submit(request("two"), s2).unwrap();
+    assert_eq!(
+        engine.submit(request("three"), s3).unwrap_err(),
+        tokenmill_protocol::SubmitError::Overloaded {
+            retry_after_seconds: 1
+        }
+    );
+    collect(r1);
+    collect(r2);
+    wait_for_idle(&engine, config.num_blocks);
+    assert_eq!(engine.stats().in_flight.load(Ordering::SeqCst), 0);
+    let (s4, r4) = sink();
+    engine.submit(request("four"), s4).unwrap();
+    assert_eq!(collect(r4).2.finish_reason, FinishReason::Length);
 }

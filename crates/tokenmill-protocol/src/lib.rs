@@ -207,6 +207,11 @@ pub enum SubmitError {
     /// The request cannot ever fit (prompt plus output over the context or the
     /// KV cache).
     TooLong(String),
+    /// The queue is full; try again after this many seconds.
+    Overloaded {
+        /// A hint for the client's `Retry-After`.
+        retry_after_seconds: u64,
+    },
 }
 
 impl fmt::Display for SubmitError {
@@ -214,6 +219,9 @@ impl fmt::Display for SubmitError {
         match self {
             SubmitError::Unavailable(m) => write!(f, "engine unavailable: {m}"),
             SubmitError::TooLong(m) => write!(f, "request too long: {m}"),
+            SubmitError::Overloaded {
+                retry_after_seconds,
+            } => write!(f, "queue full, retry after {retry_after_seconds} s"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The server's one error type and the one table that maps each error to an
 //! HTTP status and an OpenAI error object.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -54,6 +54,9 @@ pub enum ApiError {
         /// The path.
         path: String,
     },
+    /// Too many requests are queued; retry after the given seconds.
+    #[error("The server is busy: too many requests are queued. Retry after {0} s.")]
+    Overloaded(u64),
     /// The engine cannot take requests now.
     #[error("The server is not able to take requests right now: {0}")]
     Unavailable(String),
@@ -133,6 +136,12 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             RouteNotFound { .. } => (StatusCode::NOT_FOUND, INVALID, None, Some("unknown_url")),
+            Overloaded(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                None,
+                Some("queue_full"),
+            ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -170,7 +179,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let ApiError::Overloaded(seconds) = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -193,6 +208,17 @@ mod tests {
         assert_eq!(
             ApiError::UnknownField("foo".into()).body()["error"]["param"],
             "foo"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_is_429_with_retry_after() {
+        let response = ApiError::Overloaded(3).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(
+            ApiError::Overloaded(3).body()["error"]["code"],
+            "queue_full"
         );
     }
 }

@@ -144,6 +144,9 @@ fn submit(
         .submit(request, Box::new(ChannelSink(sender)))
         .map_err(|e| match e {
             SubmitError::Unavailable(m) => ApiError::Unavailable(m),
+            SubmitError::Overloaded {
+                retry_after_seconds,
+            } => ApiError::Overloaded(retry_after_seconds),
             SubmitError::TooLong(m) => ApiError::ContextLengthExceeded {
                 message: m,
                 param: "max_tokens".to_owned(),

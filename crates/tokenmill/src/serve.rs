@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Most sequences in one forward step.
     #[arg(long, default_value_t = 64)]
     max_num_seqs: usize,
+    /// Most requests accepted and not finished; more get 429 with
+    /// Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
 }
 
 /// Where the model file is and what to call it.
@@ -120,6 +124,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 max_batched_tokens: args.max_batched_tokens,
                 max_num_seqs: args.max_num_seqs,
             },
+            max_in_flight: args.max_in_flight,
         },
     )?;
     let state = AppState::new(Arc::new(engine), Limits::default());

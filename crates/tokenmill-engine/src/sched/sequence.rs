@@ -1,6 +1,7 @@
 //! One request's sequence inside the engine: its tokens, its KV blocks, its
 //! sampler and output, and the sink its events go to.
 
+use crate::engine::InFlight;
 use crate::kv::SequenceBlocks;
 use crate::output::OutputText;
 use crate::sampler::Sampler;
@@ -31,6 +32,9 @@ pub struct Sequence {
     /// Whether the sequence was ever admitted (a preempted one was).
     admitted_before: bool,
     finished: bool,
+    /// The request's place in the engine's in-flight count, given back when
+    /// the sequence is dropped.
+    _in_flight: Option<InFlight>,
 }
 
 impl Sequence {
@@ -47,8 +51,15 @@ impl Sequence {
             cached_prompt_tokens: 0,
             admitted_before: false,
             finished: false,
+            _in_flight: None,
             request,
         }
+    }
+
+    /// Ties the request's in-flight place to this sequence's life.
+    pub(crate) fn holding(mut self, slot: InFlight) -> Self {
+        self._in_flight = Some(slot);
+        self
     }
 
     /// Prompt length.
