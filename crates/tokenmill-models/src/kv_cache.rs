@@ -8,7 +8,7 @@
 
 use crate::batch::SequenceChunk;
 use crate::error::Result;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Keys and values of all layers, `[num_blocks * block_size, kv_width]` each.
 pub struct PagedKvCache {
@@ -67,21 +67,6 @@ impl PagedKvCache {
             offset += len;
         }
         Ok(())
-    }
-
-    /// Runs `f` over the raw keys and values of `layer` (`[slots, kv_width]`
-    /// each) when the cache lives in CPU memory; `None` elsewhere.
-    pub fn with_cpu_rows<T>(&self, layer: usize, f: impl FnOnce(&[f32], &[f32]) -> T) -> Option<T> {
-        let (k_storage, k_layout) = self.keys[layer].storage_and_layout();
-        let (v_storage, v_layout) = self.values[layer].storage_and_layout();
-        match (&*k_storage, &*v_storage) {
-            (Storage::Cpu(k), Storage::Cpu(v)) => {
-                let k = k.as_slice::<f32>().ok()?.get(k_layout.start_offset()..)?;
-                let v = v.as_slice::<f32>().ok()?.get(v_layout.start_offset()..)?;
-                Some(f(k, v))
-            }
-            _ => None,
-        }
     }
 
     /// Keys and values of the chunk's whole context in `layer`,
