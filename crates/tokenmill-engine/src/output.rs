@@ -46,38 +46,37 @@ impl OutputText {
     /// Appends a generated token; returns the text that became final.
     pub fn push(&mut self, tokenizer: &ModelTokenizer, id: u32) -> TextDelta {
         self.ids.push(id);
-        let before = tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])
-            .unwrap_or_default();
-        let after = tokenizer
-            .decode(&self.ids[self.prefix_offset..])
-            .unwrap_or_default();
+        let new = self.unread_text(tokenizer);
         // Wait for the rest of a character split over tokens.
-        if after.len() > before.len() && !after.ends_with(REPLACEMENT) {
-            if let Some(new) = after.get(before.len()..) {
-                self.text.push_str(new);
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-            }
+        if !new.is_empty() && !new.ends_with(REPLACEMENT) {
+            self.text.push_str(&new);
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
         }
         self.release(false)
     }
 
     /// Ends the output without a stop string: everything held back is final.
     pub fn finish(&mut self, tokenizer: &ModelTokenizer) -> TextDelta {
-        if self.read_offset < self.ids.len() {
-            let before = tokenizer
-                .decode(&self.ids[self.prefix_offset..self.read_offset])
-                .unwrap_or_default();
-            let after = tokenizer
-                .decode(&self.ids[self.prefix_offset..])
-                .unwrap_or_default();
-            if let Some(new) = after.get(before.len()..) {
-                self.text.push_str(new);
-            }
-            self.read_offset = self.ids.len();
-        }
+        let new = self.unread_text(tokenizer);
+        self.text.push_str(&new);
+        self.read_offset = self.ids.len();
         self.release(true)
+    }
+
+    /// Text the ids after `read_offset` add, decoded together with the ids
+    /// from `prefix_offset` so byte-level pieces merge as they should.
+    fn unread_text(&self, tokenizer: &ModelTokenizer) -> String {
+        if self.read_offset == self.ids.len() {
+            return String::new();
+        }
+        let before = tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset])
+            .unwrap_or_default();
+        let after = tokenizer
+            .decode(&self.ids[self.prefix_offset..])
+            .unwrap_or_default();
+        after.get(before.len()..).unwrap_or_default().to_owned()
     }
 
     /// Hands out the text that can no longer be part of a stop string.

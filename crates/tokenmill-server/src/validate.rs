@@ -76,30 +76,26 @@ impl Fields {
     }
 
     fn number(&mut self, name: &str) -> Result<Option<f64>, ApiError> {
-        match self.take(name) {
-            None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| ApiError::invalid(name, format!("'{name}' must be a number"))),
-            Some(_) => Err(ApiError::invalid(
-                name,
-                format!("'{name}' must be a number"),
-            )),
-        }
+        self.numeric(name, "a number", serde_json::Number::as_f64)
     }
 
     fn integer(&mut self, name: &str) -> Result<Option<i64>, ApiError> {
+        self.numeric(name, "an integer", serde_json::Number::as_i64)
+    }
+
+    /// A JSON number converted by `convert`; anything else is a 400 saying
+    /// the field must be `what`.
+    fn numeric<T>(
+        &mut self,
+        name: &str,
+        what: &str,
+        convert: impl Fn(&serde_json::Number) -> Option<T>,
+    ) -> Result<Option<T>, ApiError> {
+        let wrong = || ApiError::invalid(name, format!("'{name}' must be {what}"));
         match self.take(name) {
             None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| ApiError::invalid(name, format!("'{name}' must be an integer"))),
-            Some(_) => Err(ApiError::invalid(
-                name,
-                format!("'{name}' must be an integer"),
-            )),
+            Some(Value::Number(n)) => convert(&n).map(Some).ok_or_else(wrong),
+            Some(_) => Err(wrong()),
         }
     }
 
