@@ -41,5 +41,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         per * 1e3,
         1.0 / per
     );
+    // Batched decode: `b` sequences of 64 prompt tokens each, one token each
+    // per step, as continuous batching runs them.
+    for b in [1usize, 4, 16, 64] {
+        let blocks_per_seq = 8;
+        let cache = model.new_kv_cache(16, b * blocks_per_seq)?;
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|s| ((s * blocks_per_seq) as u32..((s + 1) * blocks_per_seq) as u32).collect())
+            .collect();
+        let mut batch = ForwardBatch::default();
+        for table in &tables {
+            batch.push(&prompt[..64], 64, table.clone(), LogitRows::Last);
+        }
+        model.forward(&batch, &cache)?;
+        let steps = 16;
+        let t = Instant::now();
+        for i in 0..steps {
+            let mut batch = ForwardBatch::default();
+            for table in &tables {
+                batch.push(&[300 + i as u32], 64 + i + 1, table.clone(), LogitRows::Last);
+            }
+            model.forward(&batch, &cache)?;
+        }
+        let per = t.elapsed().as_secs_f64() / steps as f64;
+        println!(
+            "batched decode x{b}: {:.1} ms/step ({:.1} tokens/s)",
+            per * 1e3,
+            b as f64 / per
+        );
+    }
     Ok(())
 }
