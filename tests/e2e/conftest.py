@@ -17,6 +17,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -49,6 +50,7 @@ class Server:
     root: str  # "http://127.0.0.1:PORT"
     process: subprocess.Popen | None  # None when the server was started elsewhere
     log_path: Path | None
+    usage_log: Path | None = None  # the server's --usage-log, when we started it
 
 
 # The running server, for the report hook below (hooks cannot request fixtures).
@@ -112,17 +114,25 @@ def tokenmill_server() -> Iterator[Server]:
         _current_server = None
         return
 
-    binary = Path(os.environ.get("TOKENMILL_BIN", DEFAULT_BIN))
-    if not binary.is_file():
-        pytest.fail(
-            f"tokenmill binary not found at {binary}: run `cargo build` or set TOKENMILL_BIN",
-            pytrace=False,
-        )
+    binary = server_binary()
+    usage_log = Path(tempfile.mkdtemp(prefix="tokenmill-e2e-")) / "usage.jsonl"
+    extra = ["--no-auth", "--usage-log", str(usage_log)]
+    extra += shlex.split(os.environ.get("TOKENMILL_E2E_SERVER_ARGS", ""))
+    with start_server(binary, extra) as server:
+        server.usage_log = usage_log
+        _current_server = server
+        try:
+            yield server
+        finally:
+            _current_server = None
 
+
+@contextlib.contextmanager
+def start_server(binary: Path, args: list[str]) -> Iterator[Server]:
+    """Run `tokenmill serve --model smollm2 ARGS` on a free loopback port until the block ends."""
     port = _free_port()
     root = f"http://127.0.0.1:{port}"
-    command = [str(binary), "serve", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)]
-    command += shlex.split(os.environ.get("TOKENMILL_E2E_SERVER_ARGS", ""))
+    command = [str(binary), "serve", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port), *args]
     env = {**os.environ, "RUST_BACKTRACE": os.environ.get("RUST_BACKTRACE", "1")}
 
     log_file = tempfile.NamedTemporaryFile(prefix="tokenmill-e2e-", suffix=".log", delete=False)
@@ -138,14 +148,24 @@ def tokenmill_server() -> Iterator[Server]:
         stderr=subprocess.STDOUT,
     )
     try:
-        _current_server = Server(f"{root}/v1", root, proc, log_path)
+        server = Server(f"{root}/v1", root, proc, log_path)
         _wait_until_healthy(proc, root, log_path)
-        yield _current_server
+        yield server
     finally:
-        _current_server = None
         _stop(proc)
         log_file.close()
         print(f"\ntokenmill server log: {log_path}")
+
+
+def server_binary() -> Path:
+    """The tokenmill binary under test."""
+    binary = Path(os.environ.get("TOKENMILL_BIN", DEFAULT_BIN))
+    if not binary.is_file():
+        pytest.fail(
+            f"tokenmill binary not found at {binary}: run `cargo build` or set TOKENMILL_BIN",
+            pytrace=False,
+        )
+    return binary
 
 
 @pytest.fixture(scope="session")

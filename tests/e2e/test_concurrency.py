@@ -101,3 +101,23 @@ def test_request_joining_a_running_generation_matches_alone(client: openai.OpenA
         short_joined = complete(client, COUNTING_PROMPT, max_tokens=8)
         long_joined = long_future.result(timeout=120)
     _assert_same_answers([long_joined, short_joined], [long_alone, short_alone])
+
+
+# 32 different prompts: topics x openings, so every request has its own text.
+_TOPICS = ["the sea", "a dragon", "bread", "the moon", "a robot", "winter", "a library", "the river"]
+_OPENINGS = ["Write one sentence about {}.", "Tell me a fact about {}.", "Describe {} in a few words.", "A poem about {}:"]
+THIRTY_TWO = [opening.format(topic) for topic in _TOPICS for opening in _OPENINGS]
+
+
+def test_thirty_two_concurrent_greedy_requests_each_match_alone(client: openai.OpenAI) -> None:
+    """32 different greedy requests at once (half chat, half completions, half streamed) each equal the request alone."""
+    requests: list[Callable[[], Result]] = []
+    for i, prompt in enumerate(THIRTY_TWO):
+        stream = i % 4 < 2
+        if i % 2:
+            requests.append(lambda p=prompt, s=stream: chat(client, [{"role": "user", "content": p}], max_tokens=16, stream=s))
+        else:
+            requests.append(lambda p=prompt, s=stream: complete(client, p, max_tokens=16, stream=s))
+    alone = [call() for call in requests]
+    together = _run_together(requests)
+    _assert_same_answers(together, alone)

@@ -64,10 +64,7 @@ def test_unknown_model_raises_not_found_in_sdk(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("n", 2),
         ("best_of", 2),
-        ("logprobs", True),
-        ("logprobs", 1),
         ("echo", True),
         ("suffix", "!"),
         ("logit_bias", {"504": 10}),
@@ -84,8 +81,6 @@ def test_unsupported_completion_parameter_is_400(http: httpx.Client, field: str,
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("n", 2),
-        ("logprobs", True),
         ("tools", [A_TOOL]),
         ("response_format", {"type": "json_object"}),
         ("presence_penalty", 0.5),
@@ -98,10 +93,10 @@ def test_unsupported_chat_parameter_is_400(http: httpx.Client, field: str, value
 
 
 def test_sdk_sees_param_of_unsupported_parameter(client: openai.OpenAI) -> None:
-    """Through the SDK: n=2 and an unknown extra field raise BadRequestError with param set."""
-    with pytest.raises(openai.BadRequestError) as n_error:
-        client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, n=2)
-    assert n_error.value.param == "n"
+    """Through the SDK: best_of > n and an unknown extra field raise BadRequestError with param set."""
+    with pytest.raises(openai.BadRequestError) as best_of_error:
+        client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, n=2, best_of=3)
+    assert best_of_error.value.param == "best_of"
     with pytest.raises(openai.BadRequestError) as foo_error:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, extra_body={"foo": 1}
@@ -125,6 +120,7 @@ def test_sdk_sees_param_of_unsupported_parameter(client: openai.OpenAI) -> None:
         ("max_tokens", 0),
         ("max_tokens", -1),
         ("n", 0),
+        ("n", 129),
         ("stop", FIVE_STOPS),
     ],
 )
@@ -244,3 +240,19 @@ def test_server_still_answers_after_errors(client: openai.OpenAI) -> None:
     """After the refused requests above, a valid request still succeeds."""
     response = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
     assert response.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        (COMPLETIONS, {"logprobs": 21}, "logprobs"),
+        (COMPLETIONS, {"logprobs": -1}, "logprobs"),
+        (COMPLETIONS, {"logprobs": True}, "logprobs"),
+        (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+        (CHAT, {"logprobs": 1}, "logprobs"),
+    ],
+)
+def test_bad_logprobs_are_400(http: httpx.Client, path: str, fields: dict, param: str) -> None:
+    """logprobs / top_logprobs outside 0..=20, of the wrong type, or top_logprobs without logprobs: 400 naming it."""
+    assert_error_body(_post(http, path, **fields), 400, param=param)

@@ -2,6 +2,7 @@
 //! takes requests over a channel, and runs schedule -> forward -> update until
 //! every client hangs up.
 
+use crate::capacity::CapacityMeter;
 use crate::kv::BlockPool;
 use crate::sched::{Scheduler, SchedulerConfig, Sequence};
 use candle_core::Tensor;
@@ -13,7 +14,8 @@ use std::time::{Duration, Instant};
 use tokenmill_models::{ChatTemplate, PagedKvCache};
 use tokenmill_models::{Llama, LoadedModel, ModelError, ModelTokenizer, TemplateMessage};
 use tokenmill_protocol::{
-    ChatMessage, EngineClient, EventSink, FinishReason, GenerateRequest, ModelInfo, SubmitError,
+    ChatMessage, EngineClient, EventSink, FinishReason, GenerateRequest, MeterSink, ModelInfo,
+    SubmitError,
 };
 
 /// Sizes of the engine's KV cache and steps.
@@ -29,6 +31,10 @@ pub struct EngineConfig {
     /// beyond it `submit` answers `Overloaded` instead of queueing without
     /// bound.
     pub max_in_flight: usize,
+    /// Length of a capacity record's interval.
+    pub capacity_interval: Duration,
+    /// The device name in capacity records.
+    pub device: String,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +44,8 @@ impl Default for EngineConfig {
             num_blocks: 1024,
             scheduler: SchedulerConfig::default(),
             max_in_flight: 1024,
+            capacity_interval: Duration::from_secs(10),
+            device: "cpu".to_owned(),
         }
     }
 }
@@ -57,6 +65,11 @@ pub struct EngineStats {
     pub preemptions: AtomicU64,
     /// Requests accepted and not yet finished.
     pub in_flight: Arc<AtomicUsize>,
+    /// Nanoseconds spent in the model's forward.
+    pub forward_nanos: AtomicU64,
+    /// Nanoseconds spent around it in steps: scheduling, building the batch,
+    /// sampling, metering, sending events.
+    pub overhead_nanos: AtomicU64,
 }
 
 enum Command {
@@ -102,10 +115,12 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 
 impl Engine {
     /// Starts the step loop on its own thread.
+    /// Usage and capacity records go to `meter`.
     pub fn start(
         model: LoadedModel,
         served_name: &str,
         config: EngineConfig,
+        meter: Arc<dyn MeterSink>,
     ) -> Result<Self, ModelError> {
         let LoadedModel {
             model,
@@ -137,6 +152,11 @@ impl Engine {
                     tokenizer: worker_tokenizer,
                     commands: receiver,
                     stats: worker_stats,
+                    capacity: CapacityMeter::new(
+                        &worker_config.device,
+                        worker_config.capacity_interval,
+                    ),
+                    meter,
                 }
                 .run()
             })
@@ -236,6 +256,8 @@ struct StepLoop {
     tokenizer: Arc<ModelTokenizer>,
     commands: Receiver<Command>,
     stats: Arc<EngineStats>,
+    capacity: CapacityMeter,
+    meter: Arc<dyn MeterSink>,
 }
 
 impl StepLoop {
@@ -243,23 +265,29 @@ impl StepLoop {
         let mut open = true;
         while open || !self.scheduler.is_idle() {
             open = self.take_commands();
+            if let Some(record) = self.capacity.roll_if_due() {
+                self.meter.record_capacity(&record);
+            }
+            let step_started = Instant::now();
             self.scheduler.drop_cancelled(&self.tokenizer);
             let plan = self.scheduler.schedule();
             if plan.is_empty() {
                 self.publish_stats();
                 continue;
             }
-            let started = Instant::now();
             let batch = self.scheduler.forward_batch(&plan);
-            match self
+            let forward_started = Instant::now();
+            let forward = self
                 .model
                 .forward(&batch, &self.cache)
-                .and_then(|l| logit_rows(&l))
-            {
+                .and_then(|l| logit_rows(&l));
+            let forward_time = forward_started.elapsed();
+            match forward {
                 Ok(rows) => {
-                    let seconds = started.elapsed().as_secs_f64();
+                    let seconds = forward_time.as_secs_f64();
                     self.scheduler
                         .update_from_output(&plan, &rows, seconds, &self.tokenizer);
+                    self.capacity.record_step(seconds, &plan.tenant_tokens);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "forward failed; aborting the batch");
@@ -271,9 +299,25 @@ impl StepLoop {
                 }
             }
             self.stats.steps.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .forward_nanos
+                .fetch_add(forward_time.as_nanos() as u64, Ordering::Relaxed);
+            let overhead = step_started.elapsed().saturating_sub(forward_time);
+            self.stats
+                .overhead_nanos
+                .fetch_add(overhead.as_nanos() as u64, Ordering::Relaxed);
             self.publish_stats();
         }
-        tracing::info!("engine stopped");
+        self.meter.record_capacity(&self.capacity.roll());
+        let steps = self.stats.steps.load(Ordering::Relaxed).max(1);
+        tracing::info!(
+            steps,
+            forward_ms_per_step =
+                self.stats.forward_nanos.load(Ordering::Relaxed) as f64 / steps as f64 / 1e6,
+            overhead_ms_per_step =
+                self.stats.overhead_nanos.load(Ordering::Relaxed) as f64 / steps as f64 / 1e6,
+            "engine stopped"
+        );
     }
 
     /// Adds queued requests; waits for one when there is nothing to do.
@@ -312,9 +356,16 @@ impl StepLoop {
             Command::Submit(request, sink, slot) => {
                 // The tenant is the prefix cache's salt: one tenant's
                 // prompts never serve another's.
-                let blocks = self.scheduler.pool().empty_sequence(&request.tenant.0);
-                self.scheduler
-                    .add(Sequence::new(*request, sink, blocks).holding(slot));
+                let pool = self.scheduler.pool().clone();
+                let salt = request.caller.tenant.0.clone();
+                let sequence = Sequence::for_request_holding(
+                    *request,
+                    sink,
+                    self.meter.clone(),
+                    Some(slot),
+                    || pool.empty_sequence(&salt),
+                );
+                self.scheduler.add(sequence);
             }
         }
     }

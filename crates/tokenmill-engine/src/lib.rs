@@ -7,6 +7,7 @@
 //! tokens, [`output`] turns them into text.
 #![deny(missing_docs)]
 
+pub mod capacity;
 mod engine;
 pub mod kv;
 pub mod output;

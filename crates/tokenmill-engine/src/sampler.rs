@@ -55,6 +55,34 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Natural log probabilities of the vocabulary, computed in f64 so that a
+/// long tail of tiny probabilities does not lose the normaliser's precision.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| f64::from(l - max).exp()).sum();
+    let log_sum = sum.ln() as f32;
+    logits.iter().map(|l| l - max - log_sum).collect()
+}
+
+/// The `k` tokens with the largest values, largest first (lower id first on
+/// ties), without sorting the whole vocabulary.
+pub fn top_k(values: &[f32], k: usize) -> Vec<u32> {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut items: Vec<(u32, f32)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i as u32, *v))
+        .collect();
+    let k = k.min(items.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    items.select_nth_unstable_by(k - 1, order);
+    items.truncate(k);
+    items.sort_by(order);
+    items.into_iter().map(|(i, _)| i).collect()
+}
+
 /// `(token, probability)` at `temperature`, most likely first.
 fn softmax_candidates(logits: &[f32], temperature: f32) -> Vec<(u32, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -96,6 +124,24 @@ mod tests {
             top_p,
             seed: Some(seed),
         }
+    }
+
+    #[test]
+    fn log_softmax_normalises_and_keeps_order() {
+        let lp = log_softmax(&[1.0, 3.0, 2.0, -50.0]);
+        let mass: f64 = lp.iter().map(|l| f64::from(*l).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-6, "{mass}");
+        assert_eq!(top_k(&lp, 3), vec![1, 2, 0]);
+        // log(e^3 / (e^1 + e^3 + e^2 + e^-50))
+        let expected = 3.0 - (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
+        assert!((f64::from(lp[1]) - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_handles_ties_zero_and_more_than_the_vocabulary() {
+        assert_eq!(top_k(&[0.5, 0.5, 0.1], 2), vec![0, 1]);
+        assert!(top_k(&[0.5], 0).is_empty());
+        assert_eq!(top_k(&[0.1, 0.2], 5), vec![1, 0]);
     }
 
     #[test]

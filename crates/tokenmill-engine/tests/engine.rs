@@ -5,19 +5,60 @@
 use candle_core::Device;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
 use tokenmill_models::{catalog, LoadedModel};
 use tokenmill_protocol::{
-    EngineClient, EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestId,
-    SamplingParams, StopConditions, TenantId, UsageEvent,
+    Caller, CapacityRecord, DiscardMeter, EngineClient, EventSink, FinishReason, GenerateRequest,
+    GenerationEvent, MeterSink, RequestId, SamplingParams, StopConditions, TokenLogprob,
+    UsageEvent,
 };
 
 fn start(config: EngineConfig) -> Engine {
+    start_metered(config, Arc::new(DiscardMeter))
+}
+
+fn start_metered(config: EngineConfig, meter: Arc<dyn MeterSink>) -> Engine {
     let path = catalog::find("smollm2").expect("known").path();
     let model = LoadedModel::from_gguf_file(&path, &Device::Cpu, |_, _| {})
         .expect("run models/fetch-smollm2.sh");
-    Engine::start(model, "smollm2", config).expect("engine starts")
+    Engine::start(model, "smollm2", config, meter).expect("engine starts")
+}
+
+/// A greedy request for `max_tokens` tokens of `prompt`, from the anonymous
+/// tenant.
+fn request(engine: &Engine, id: &str, prompt: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        id: RequestId(id.to_owned()),
+        caller: Caller::anonymous(),
+        model: "smollm2".to_owned(),
+        prompt_tokens: engine.tokenize(prompt).unwrap(),
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions {
+            max_tokens,
+            stop_strings: Vec::new(),
+        },
+        n: 1,
+        logprobs: None,
+        arrived_at: SystemTime::now(),
+    }
+}
+
+/// Keeps every record the engine meters.
+#[derive(Default)]
+struct Recorder {
+    usage: Mutex<Vec<UsageEvent>>,
+    capacity: Mutex<Vec<CapacityRecord>>,
+}
+
+impl MeterSink for Recorder {
+    fn record_usage(&self, usage: &UsageEvent) {
+        self.usage.lock().unwrap().push(usage.clone());
+    }
+    fn record_capacity(&self, capacity: &CapacityRecord) {
+        self.capacity.lock().unwrap().push(capacity.clone());
+    }
 }
 
 /// A sink that forwards to a std channel and can be told to hang up after
@@ -49,19 +90,19 @@ fn submit(
     max_tokens: usize,
     hang_up_after: Option<usize>,
 ) -> Receiver<GenerationEvent> {
+    submit_request(
+        engine,
+        request(engine, id, prompt, max_tokens),
+        hang_up_after,
+    )
+}
+
+fn submit_request(
+    engine: &Engine,
+    request: GenerateRequest,
+    hang_up_after: Option<usize>,
+) -> Receiver<GenerationEvent> {
     let (events, receiver) = channel();
-    let request = GenerateRequest {
-        id: RequestId(id.to_owned()),
-        tenant: TenantId::anonymous(),
-        model: "smollm2".to_owned(),
-        prompt_tokens: engine.tokenize(prompt).unwrap(),
-        sampling: SamplingParams::greedy(),
-        stop: StopConditions {
-            max_tokens,
-            stop_strings: Vec::new(),
-        },
-        arrived_at: SystemTime::now(),
-    };
     let sink = TestSink {
         events,
         hang_up_after,
@@ -71,21 +112,66 @@ fn submit(
     receiver
 }
 
-/// Waits for the request's end: its text, token ids and usage record.
-fn collect(events: Receiver<GenerationEvent>) -> (String, Vec<u32>, UsageEvent) {
-    let (mut text, mut ids) = (String::new(), Vec::new());
+/// One completion of a request, as the client sees it.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Choice {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    reason: Option<FinishReason>,
+}
+
+/// Waits for the request's end: its completions and usage record.
+fn collect_all(events: Receiver<GenerationEvent>) -> (Vec<Choice>, UsageEvent) {
+    let mut choices: Vec<Choice> = Vec::new();
+    let mut choice = |index: usize| {
+        if choices.len() <= index {
+            choices.resize(index + 1, Choice::default());
+        }
+        index
+    };
+    let mut all = Vec::new();
     loop {
         match events
             .recv_timeout(Duration::from_secs(120))
             .expect("engine answers")
         {
-            GenerationEvent::Text { text: t, token_ids } => {
-                text.push_str(&t);
-                ids.extend(token_ids);
+            GenerationEvent::Text {
+                index,
+                text,
+                token_ids,
+                logprobs,
+            } => all.push((choice(index), Some((text, token_ids, logprobs)), None)),
+            GenerationEvent::ChoiceEnd { index, reason } => {
+                all.push((choice(index), None, Some(reason)))
             }
-            GenerationEvent::Finished { usage, .. } => return (text, ids, usage),
+            GenerationEvent::Finished { usage, .. } => {
+                let mut out =
+                    vec![Choice::default(); all.iter().map(|a| a.0 + 1).max().unwrap_or(0)];
+                for (index, text, reason) in all {
+                    let c = &mut out[index];
+                    assert!(c.reason.is_none(), "text after the end of choice {index}");
+                    if let Some((text, ids, logprobs)) = text {
+                        c.text.push_str(&text);
+                        c.ids.extend(ids);
+                        c.logprobs.extend(logprobs);
+                    }
+                    c.reason = reason.or(c.reason);
+                }
+                return (out, usage);
+            }
         }
     }
+}
+
+/// Waits for the end of a one-completion request: its text, token ids and
+/// usage record.
+fn collect(events: Receiver<GenerationEvent>) -> (String, Vec<u32>, UsageEvent) {
+    let (mut choices, usage) = collect_all(events);
+    assert_eq!(choices.len(), 1);
+    let only = choices.remove(0);
+    assert_eq!(only.reason, Some(usage.finish_reason));
+    (only.text, only.ids, usage)
 }
 
 const PROMPTS: &[&str] = &[
@@ -152,6 +238,7 @@ fn concurrent_requests_give_what_each_gives_alone_even_when_preempted() {
             max_num_seqs: 8,
         },
         max_in_flight: 64,
+        ..EngineConfig::default()
     };
     let engine = start(tiny.clone());
     let receivers: Vec<_> = PROMPTS
@@ -225,18 +312,7 @@ fn a_full_queue_refuses_new_requests_until_one_finishes() {
         ..EngineConfig::default()
     };
     let engine = start(config.clone());
-    let request = |id: &str| GenerateRequest {
-        id: RequestId(id.to_owned()),
-        tenant: TenantId::anonymous(),
-        model: "smollm2".to_owned(),
-        prompt_tokens: engine.tokenize(PROMPTS[0]).unwrap(),
-        sampling: SamplingParams::greedy(),
-        stop: StopConditions {
-            max_tokens: 8,
-            stop_strings: Vec::new(),
-        },
-        arrived_at: SystemTime::now(),
-    };
+    let request = |id: &str| request(&engine, id, PROMPTS[0], 8);
     let sink = || {
         let (events, receiver) = channel();
         let sink = TestSink {
@@ -264,4 +340,137 @@ fn a_full_queue_refuses_new_requests_until_one_finishes() {
     let (s4, r4) = sink();
     engine.submit(request("four"), s4).unwrap();
     assert_eq!(collect(r4).2.finish_reason, FinishReason::Length);
+}
+
+#[test]
+fn n_completions_share_one_prompt_and_one_usage_record() {
+    let recorder = Arc::new(Recorder::default());
+    let engine = start_metered(EngineConfig::default(), recorder.clone());
+    let (alone_text, alone_ids, alone) = collect(submit(&engine, "alone", PROMPTS[2], 12, None));
+
+    let mut three = request(&engine, "three", PROMPTS[2], 12);
+    three.n = 3;
+    let (choices, usage) = collect_all(submit_request(&engine, three, None));
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(
+            c.ids, alone_ids,
+            "greedy completion {i} differs from the request alone"
+        );
+        assert_eq!(c.text, alone_text);
+        assert_eq!(c.reason, Some(FinishReason::Length));
+    }
+    // The prompt is billed once, the completions all.
+    assert_eq!(usage.tokens.prompt_tokens, alone.tokens.prompt_tokens);
+    assert_eq!(usage.tokens.completion_tokens, 3 * 12);
+    assert_eq!(usage.finish_reason, FinishReason::Length);
+
+    let mut seeded = request(&engine, "seeded", PROMPTS[0], 16);
+    seeded.n = 2;
+    seeded.sampling = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        seed: Some(7),
+    };
+    let (first, _) = collect_all(submit_request(&engine, seeded.clone(), None));
+    let (again, _) = collect_all(submit_request(&engine, seeded, None));
+    assert_eq!(first, again, "a seeded request is reproducible");
+    assert_ne!(
+        first[0].ids, first[1].ids,
+        "each completion draws its own stream"
+    );
+
+    drop(engine);
+    let usage = recorder.usage.lock().unwrap();
+    let ids: Vec<&str> = usage.iter().map(|u| u.request_id.0.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["alone", "three", "seeded", "seeded"],
+        "one record per request"
+    );
+}
+
+#[test]
+fn logprobs_rank_the_vocabulary_and_the_greedy_choice_is_the_top_one() {
+    let engine = start(EngineConfig::default());
+    let mut asked = request(&engine, "logprobs", PROMPTS[3], 10);
+    asked.logprobs = Some(5);
+    let (choices, _) = collect_all(submit_request(&engine, asked, None));
+    let (_, plain_ids, _) = collect(submit(&engine, "plain", PROMPTS[3], 10, None));
+    let choice = &choices[0];
+    assert_eq!(
+        choice.ids, plain_ids,
+        "asking for logprobs changes nothing else"
+    );
+    let eog = usize::from(choice.reason == Some(FinishReason::Stop));
+    assert_eq!(choice.logprobs.len(), choice.ids.len() - eog);
+    for (step, lp) in choice.logprobs.iter().enumerate() {
+        assert_eq!(lp.chosen.token, choice.ids[step]);
+        assert_eq!(lp.top.len(), 5);
+        assert_eq!(lp.top[0], lp.chosen, "greedy picks the most likely token");
+        assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        let mass: f32 = lp.top.iter().map(|t| t.logprob.exp()).sum();
+        assert!(lp.chosen.logprob <= 0.0 && mass <= 1.0 + 1e-4, "{lp:?}");
+        assert!(!lp.chosen.bytes.is_empty());
+    }
+    let bytes: Vec<u8> = choice
+        .logprobs
+        .iter()
+        .flat_map(|l| l.chosen.bytes.clone())
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        choice.text,
+        "token bytes spell the text"
+    );
+}
+
+#[test]
+fn usage_and_capacity_records_count_what_the_steps_computed() {
+    let recorder = Arc::new(Recorder::default());
+    let engine = start_metered(EngineConfig::default(), recorder.clone());
+    let receivers: Vec<_> = PROMPTS[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| submit(&engine, &format!("m{i}"), p, 9, None))
+        .collect();
+    let client_usage: Vec<UsageEvent> = receivers.into_iter().map(|r| collect(r).2).collect();
+    drop(engine);
+
+    let metered = recorder.usage.lock().unwrap().clone();
+    assert_eq!(metered.len(), 3, "exactly one record per request");
+    for usage in &client_usage {
+        let record = metered
+            .iter()
+            .find(|m| m.request_id == usage.request_id)
+            .unwrap();
+        assert_eq!(record, usage, "the client's usage is the metered record");
+        assert!(usage.device_seconds > 0.0);
+    }
+    // Every prompt token is computed once (nothing was cached) and every
+    // generated token but the last is fed back as a decode.
+    let computed: u64 = client_usage
+        .iter()
+        .map(|u| {
+            u.tokens.prompt_tokens - u.tokens.cached_prompt_tokens + u.tokens.completion_tokens - 1
+        })
+        .sum();
+    let capacity = recorder.capacity.lock().unwrap();
+    assert!(!capacity.is_empty());
+    assert_eq!(capacity.iter().map(|c| c.tokens).sum::<u64>(), computed);
+    let busy: f64 = capacity.iter().map(|c| c.busy_seconds).sum();
+    let billed: f64 = client_usage.iter().map(|u| u.device_seconds).sum();
+    assert!(
+        (busy - billed).abs() < 1e-6,
+        "busy {busy} s, billed {billed} s"
+    );
+    for pair in capacity.windows(2) {
+        assert_eq!(pair[0].end, pair[1].start, "intervals follow without a gap");
+    }
+    for c in capacity.iter() {
+        assert!(c.busy_seconds <= c.wall_seconds);
+        let tenants: u64 = c.tenants.iter().map(|t| t.tokens).sum();
+        assert_eq!(tenants, c.tokens);
+        assert!(c.tenants.iter().all(|t| t.tenant.0 == "anonymous"));
+    }
 }

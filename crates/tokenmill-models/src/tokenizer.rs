@@ -170,6 +170,19 @@ impl ModelTokenizer {
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
+    /// The bytes token `id` stands for: a byte-level BPE token may hold part
+    /// of a UTF-8 character, so its text alone cannot describe it. Control
+    /// tokens give their text; unknown ids give nothing.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(added) = self.inner.get_added_tokens_decoder().get(&id) {
+            return added.content.as_bytes().to_vec();
+        }
+        self.inner
+            .id_to_token(id)
+            .map(|piece| piece.chars().filter_map(byte_of_char).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether generating `id` ends the sequence.
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()
@@ -189,6 +202,22 @@ impl ModelTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// The byte a character of a byte-level BPE token stands for (the inverse of
+/// GPT-2's byte-to-character table: printable Latin-1 bytes map to
+/// themselves, the other 68 bytes to U+0100 onwards, in byte order).
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff);
+    let code = c as u32;
+    if printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let shifted = code.checked_sub(0x100)?;
+    (0u32..=255)
+        .filter(|b| !printable(*b))
+        .nth(shifted as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 fn token_id(index: usize) -> Result<u32> {

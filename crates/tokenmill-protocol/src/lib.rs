@@ -23,7 +23,7 @@ impl fmt::Display for RequestId {
 }
 
 /// Identifier of the tenant a request is billed to.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TenantId(pub String);
 
 impl TenantId {
@@ -36,6 +36,47 @@ impl TenantId {
 impl fmt::Display for TenantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Identifier of the API key a request came with (never the key itself), so
+/// a tenant's usage can be split by key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct KeyId(pub String);
+
+impl KeyId {
+    /// The key id of unauthenticated local development traffic.
+    pub fn none() -> Self {
+        KeyId("none".to_owned())
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who pays for a request and how large a share of the engine it is owed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    /// The tenant billed.
+    pub tenant: TenantId,
+    /// The key the request was authenticated with.
+    pub key_id: KeyId,
+    /// The tenant's fair-share weight (at least 1): when tenants compete for
+    /// admission, each gets computed tokens in proportion to its weight.
+    pub weight: u32,
+}
+
+impl Caller {
+    /// Local development traffic: tenant "anonymous", no key, weight 1.
+    pub fn anonymous() -> Self {
+        Caller {
+            tenant: TenantId::anonymous(),
+            key_id: KeyId::none(),
+            weight: 1,
+        }
     }
 }
 
@@ -86,8 +127,8 @@ pub struct StopConditions {
 pub struct GenerateRequest {
     /// The request's id (the OpenAI response id).
     pub id: RequestId,
-    /// Who is billed.
-    pub tenant: TenantId,
+    /// Who is billed, and their fair share.
+    pub caller: Caller,
     /// The served model name.
     pub model: String,
     /// Prompt token ids, never empty.
@@ -96,6 +137,12 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Stop conditions.
     pub stop: StopConditions,
+    /// Completions to generate from the one prompt (at least 1); they share
+    /// the prompt's KV blocks and are billed the prompt once.
+    pub n: usize,
+    /// Log probabilities to return with each generated token: `None` for
+    /// none, `Some(k)` for the chosen token's plus the `k` most likely.
+    pub logprobs: Option<usize>,
     /// When the server accepted the request.
     pub arrived_at: SystemTime,
 }
@@ -152,11 +199,14 @@ pub struct UsageEvent {
     pub request_id: RequestId,
     /// Who is billed.
     pub tenant: TenantId,
+    /// The API key used.
+    pub key_id: KeyId,
     /// The served model name.
     pub model: String,
-    /// Token counts.
+    /// Token counts, over all `n` completions of the request.
     pub tokens: TokenCounts,
-    /// Why the sequence ended.
+    /// Why the request ended: the most severe of its completions' reasons
+    /// (error, then cancelled, then length, then stop).
     pub finish_reason: FinishReason,
     /// Device time attributed to this request, in seconds.
     pub device_seconds: f64,
@@ -166,20 +216,55 @@ pub struct UsageEvent {
     pub finished_at: SystemTime,
 }
 
-/// What the engine tells the submitter of a request, in order: zero or more
-/// `Text` events, then exactly one `Finished`.
+/// One alternative token and its log probability.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// Token id.
+    pub token: u32,
+    /// The token's bytes (a token may hold part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability under the model (before temperature
+    /// and top-p).
+    pub logprob: f32,
+}
+
+/// The log probability of a generated token, and of the most likely
+/// alternatives at its step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The generated token.
+    pub chosen: TopLogprob,
+    /// The most likely tokens at this step, most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// What the engine tells the submitter of a request, in order: `Text` and
+/// `ChoiceEnd` events of its completions (interleaved when `n > 1`), one
+/// `ChoiceEnd` per completion, then exactly one `Finished`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenerationEvent {
-    /// New output text (already cut at a stop string) and the ids of the
-    /// tokens that produced it.
+    /// New output text of completion `index` (already cut at a stop string)
+    /// and the tokens that produced it.
     Text {
+        /// Which completion (0..n).
+        index: usize,
         /// Decoded text to append to the output; may be empty when a token
         /// only completes part of a UTF-8 character or a possible stop string.
         text: String,
         /// Token ids generated since the previous event.
         token_ids: Vec<u32>,
+        /// Their log probabilities, when the request asked for them (the
+        /// end-of-generation token has none: it is not part of the output).
+        logprobs: Vec<TokenLogprob>,
     },
-    /// The sequence ended; `usage` is its usage record.
+    /// Completion `index` ended.
+    ChoiceEnd {
+        /// Which completion.
+        index: usize,
+        /// Why it ended.
+        reason: FinishReason,
+    },
+    /// The request ended; `usage` is its usage record.
     Finished {
         /// Usage record.
         usage: UsageEvent,
@@ -197,6 +282,60 @@ pub trait EventSink: Send {
     /// Whether the receiver is gone, checked every step so that a request
     /// whose client left stops even before it produces a token.
     fn is_closed(&self) -> bool;
+}
+
+/// Device time over one interval: what was sold (busy) and what sat idle.
+///
+/// Intervals of one device follow each other without gaps, so their wall
+/// seconds add up to the time the engine ran.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapacityRecord {
+    /// The device the engine runs on (e.g. "cpu", "cuda:0").
+    pub device: String,
+    /// Start of the interval.
+    pub start: SystemTime,
+    /// End of the interval.
+    pub end: SystemTime,
+    /// Length of the interval.
+    pub wall_seconds: f64,
+    /// Time spent in steps that had work.
+    pub busy_seconds: f64,
+    /// Tokens computed (prompt tokens computed plus tokens generated).
+    pub tokens: u64,
+    /// The busy time and tokens of each tenant, split by tokens per step.
+    pub tenants: Vec<TenantCapacity>,
+}
+
+/// One tenant's share of a [`CapacityRecord`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TenantCapacity {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Busy seconds attributed to it.
+    pub busy_seconds: f64,
+    /// Tokens computed for it.
+    pub tokens: u64,
+}
+
+/// Where the engine hands its usage and capacity records.
+///
+/// A usage record is handed over before the client is told the request
+/// finished, so what a client sees was recorded first.
+pub trait MeterSink: Send + Sync {
+    /// Records the usage of one finished request.
+    fn record_usage(&self, usage: &UsageEvent);
+
+    /// Records the capacity of one interval.
+    fn record_capacity(&self, capacity: &CapacityRecord);
+}
+
+/// A [`MeterSink`] that keeps nothing (tests and tools that only need the
+/// client's copy of the usage).
+pub struct DiscardMeter;
+
+impl MeterSink for DiscardMeter {
+    fn record_usage(&self, _: &UsageEvent) {}
+    fn record_capacity(&self, _: &CapacityRecord) {}
 }
 
 /// Why the engine would not take a request.

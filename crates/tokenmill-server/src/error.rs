@@ -43,6 +43,12 @@ pub enum ApiError {
     /// The body is over the size limit.
     #[error("The request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    /// The request has no API key.
+    #[error("You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")]
+    MissingApiKey,
+    /// The API key is not known; the message shows only its ends.
+    #[error("Incorrect API key provided: {0}.")]
+    InvalidApiKey(String),
     /// No such model is served.
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
@@ -128,6 +134,13 @@ impl ApiError {
                 INVALID,
                 None,
                 Some("payload_too_large"),
+            ),
+            MissingApiKey => (StatusCode::UNAUTHORIZED, INVALID, None, None),
+            InvalidApiKey(_) => (
+                StatusCode::UNAUTHORIZED,
+                INVALID,
+                None,
+                Some("invalid_api_key"),
             ),
             ModelNotFound(_) => (
                 StatusCode::NOT_FOUND,

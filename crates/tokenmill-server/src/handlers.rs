@@ -2,20 +2,20 @@
 //! stream of server-sent events.
 
 use crate::error::ApiError;
-use crate::openai::{finish_reason, Endpoint, ResponseHeader, Usage};
+use crate::openai::{finish_reason, logprobs_text_len, ChoiceOut, Endpoint, ResponseHeader, Usage};
 use crate::validate::{self, ValidRequest};
 use crate::AppState;
 use axum::extract::{Path, Request, State};
 use axum::http::Method;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::stream::{self, Stream, StreamExt};
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokenmill_protocol::{
-    EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestId, SubmitError, TenantId,
-    UsageEvent,
+    Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestId, SubmitError,
+    TokenLogprob, UsageEvent,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -67,17 +67,19 @@ pub async fn get_model(
 /// `POST /v1/completions`
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    generate(state, Endpoint::Completions, request).await
+    generate(state, caller, Endpoint::Completions, request).await
 }
 
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    generate(state, Endpoint::Chat, request).await
+    generate(state, caller, Endpoint::Chat, request).await
 }
 
 /// Any other route.
@@ -90,6 +92,7 @@ pub async fn not_found(method: Method, request: Request) -> ApiError {
 
 async fn generate(
     state: AppState,
+    caller: Caller,
     endpoint: Endpoint,
     request: Request,
 ) -> Result<Response, ApiError> {
@@ -113,30 +116,46 @@ async fn generate(
         model: valid.model.clone(),
         endpoint,
     };
-    let (stream, include_usage) = (valid.stream, valid.include_usage);
-    let events = submit(&state, &header, valid)?;
+    let shape = Shape {
+        n: valid.n,
+        logprobs: valid.logprobs.is_some(),
+        include_usage: valid.include_usage,
+    };
+    let stream = valid.stream;
+    let events = submit(&state, caller, &header, valid)?;
     if stream {
-        Ok(stream_response(header, events, include_usage).into_response())
+        Ok(stream_response(header, events, shape).into_response())
     } else {
-        collect_response(header, events)
+        collect_response(header, events, shape)
             .await
             .map(IntoResponse::into_response)
     }
 }
 
+/// What the answer holds besides text.
+#[derive(Clone, Copy)]
+struct Shape {
+    n: usize,
+    logprobs: bool,
+    include_usage: bool,
+}
+
 fn submit(
     state: &AppState,
+    caller: Caller,
     header: &ResponseHeader,
     valid: ValidRequest,
 ) -> Result<UnboundedReceiver<GenerationEvent>, ApiError> {
     let (sender, receiver) = unbounded_channel();
     let request = GenerateRequest {
         id: RequestId(header.id.clone()),
-        tenant: TenantId::anonymous(),
+        caller,
         model: valid.model,
         prompt_tokens: valid.prompt_tokens,
         sampling: valid.sampling,
         stop: valid.stop,
+        n: valid.n,
+        logprobs: valid.logprobs,
         arrived_at: SystemTime::now(),
     };
     state
@@ -171,21 +190,40 @@ fn failure(usage: &UsageEvent, error: Option<String>) -> Option<ApiError> {
 async fn collect_response(
     header: ResponseHeader,
     mut events: UnboundedReceiver<GenerationEvent>,
+    shape: Shape,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut text = String::new();
+    let mut choices = vec![
+        ChoiceOut {
+            logprobs: shape.logprobs.then(Vec::new),
+            ..ChoiceOut::default()
+        };
+        shape.n
+    ];
     while let Some(event) = events.recv().await {
         match event {
-            GenerationEvent::Text { text: piece, .. } => text.push_str(&piece),
+            GenerationEvent::Text {
+                index,
+                text,
+                logprobs,
+                ..
+            } => {
+                if let Some(choice) = choices.get_mut(index) {
+                    choice.text.push_str(&text);
+                    if let Some(all) = &mut choice.logprobs {
+                        all.extend(logprobs);
+                    }
+                }
+            }
+            GenerationEvent::ChoiceEnd { index, reason } => {
+                if let Some(choice) = choices.get_mut(index) {
+                    choice.finish = finish_reason(reason);
+                }
+            }
             GenerationEvent::Finished { usage, error } => {
                 if let Some(err) = failure(&usage, error) {
                     return Err(err);
                 }
-                let finish = finish_reason(usage.finish_reason);
-                return Ok(Json(header.full_response(
-                    text,
-                    finish,
-                    Usage::from(&usage),
-                )));
+                return Ok(Json(header.full_response(&choices, Usage::from(&usage))));
             }
         }
     }
@@ -198,52 +236,122 @@ fn sse_json(value: &serde_json::Value) -> Event {
     Event::default().data(value.to_string())
 }
 
+/// A streamed choice's log probabilities not yet sent (their tokens made no
+/// text yet), and where the next ones start in its text.
+#[derive(Clone, Default)]
+struct PendingLogprobs {
+    tokens: Vec<TokenLogprob>,
+    text_offset: usize,
+}
+
+impl PendingLogprobs {
+    /// Takes the held tokens for a chunk, with their starting offset.
+    fn take(&mut self) -> (Vec<TokenLogprob>, usize) {
+        let tokens = std::mem::take(&mut self.tokens);
+        let offset = self.text_offset;
+        self.text_offset += logprobs_text_len(&tokens);
+        (tokens, offset)
+    }
+}
+
+/// The state of a stream between engine events.
+struct StreamState {
+    events: UnboundedReceiver<GenerationEvent>,
+    header: ResponseHeader,
+    shape: Shape,
+    pending: Vec<PendingLogprobs>,
+}
+
+impl StreamState {
+    /// The SSE events for one engine event, and whether the stream goes on.
+    fn on_event(&mut self, event: GenerationEvent) -> (Vec<Event>, bool) {
+        match event {
+            GenerationEvent::Text {
+                index,
+                text,
+                logprobs,
+                ..
+            } => {
+                let Some(pending) = self.pending.get_mut(index) else {
+                    return (Vec::new(), true);
+                };
+                pending.tokens.extend(logprobs);
+                if text.is_empty() {
+                    return (Vec::new(), true);
+                }
+                let logprobs = self.shape.logprobs.then(|| pending.take());
+                let chunk = self.header.text_chunk(
+                    index,
+                    &text,
+                    None,
+                    logprobs.as_ref().map(|(l, o)| (l.as_slice(), *o)),
+                );
+                (vec![sse_json(&chunk)], true)
+            }
+            GenerationEvent::ChoiceEnd { index, reason } => {
+                let Some(finish) = finish_reason(reason) else {
+                    // Cancelled or failed: the request's end says so.
+                    return (Vec::new(), true);
+                };
+                let Some(pending) = self.pending.get_mut(index) else {
+                    return (Vec::new(), true);
+                };
+                let logprobs =
+                    (self.shape.logprobs && !pending.tokens.is_empty()).then(|| pending.take());
+                let chunk = self.header.text_chunk(
+                    index,
+                    "",
+                    Some(finish),
+                    logprobs.as_ref().map(|(l, o)| (l.as_slice(), *o)),
+                );
+                (vec![sse_json(&chunk)], true)
+            }
+            GenerationEvent::Finished { usage, error } => {
+                let mut out = Vec::new();
+                match failure(&usage, error) {
+                    Some(err) => out.push(sse_json(&err.body())),
+                    None if self.shape.include_usage => {
+                        out.push(sse_json(&self.header.usage_chunk(Usage::from(&usage))))
+                    }
+                    None => {}
+                }
+                out.push(Event::default().data("[DONE]"));
+                (out, false)
+            }
+        }
+    }
+}
+
 /// Streams the request's events as SSE chunks, then `[DONE]`. Dropping the
 /// stream (the client left) drops the receiver, which cancels the request.
 fn stream_response(
     header: ResponseHeader,
     events: UnboundedReceiver<GenerationEvent>,
-    include_usage: bool,
+    shape: Shape,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let opening = match header.endpoint {
-        Endpoint::Chat => vec![sse_json(&header.role_chunk())],
+    let opening: Vec<Event> = match header.endpoint {
+        Endpoint::Chat => (0..shape.n)
+            .map(|index| sse_json(&header.role_chunk(index)))
+            .collect(),
         Endpoint::Completions => Vec::new(),
     };
-    let body = stream::unfold(Some((events, header)), move |state| async move {
-        let (mut events, header) = state?;
-        let Some(event) = events.recv().await else {
+    let state = StreamState {
+        events,
+        header,
+        shape,
+        pending: vec![PendingLogprobs::default(); shape.n],
+    };
+    let body = stream::unfold(Some(state), move |state| async move {
+        let mut state = state?;
+        let Some(event) = state.events.recv().await else {
             let err = ApiError::Internal("the engine dropped the request".to_owned());
             return Some((
                 vec![sse_json(&err.body()), Event::default().data("[DONE]")],
                 None,
             ));
         };
-        match event {
-            GenerationEvent::Text { text, .. } => {
-                let out = if text.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![sse_json(&header.text_chunk(&text, None))]
-                };
-                Some((out, Some((events, header))))
-            }
-            GenerationEvent::Finished { usage, error } => {
-                let mut out = Vec::new();
-                match failure(&usage, error) {
-                    Some(err) => out.push(sse_json(&err.body())),
-                    None => {
-                        out.push(sse_json(
-                            &header.text_chunk("", finish_reason(usage.finish_reason)),
-                        ));
-                        if include_usage {
-                            out.push(sse_json(&header.usage_chunk(Usage::from(&usage))));
-                        }
-                    }
-                }
-                out.push(Event::default().data("[DONE]"));
-                Some((out, None))
-            }
-        }
+        let (out, more) = state.on_event(event);
+        Some((out, more.then_some(state)))
     });
     let all = stream::iter(opening)
         .chain(body.flat_map(stream::iter))

@@ -5,10 +5,14 @@
 //! goes through the one table in [`error`].
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod error;
 mod handlers;
 pub mod openai;
+pub mod tenants;
 pub mod validate;
+
+pub use auth::Auth;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -39,15 +43,17 @@ impl Default for Limits {
 pub struct AppState {
     engine: Arc<dyn EngineClient>,
     limits: Limits,
+    auth: Auth,
     started_at: u64,
 }
 
 impl AppState {
     /// State over `engine`.
-    pub fn new(engine: Arc<dyn EngineClient>, limits: Limits) -> Self {
+    pub fn new(engine: Arc<dyn EngineClient>, limits: Limits, auth: Auth) -> Self {
         AppState {
             engine,
             limits,
+            auth,
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -55,14 +61,21 @@ impl AppState {
     }
 }
 
-/// The routes of the API.
+/// The routes of the API; everything under /v1 needs a key (unless
+/// authentication is disabled), /health does not.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(handlers::health))
+    let api = Router::new()
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{id}", get(handlers::get_model))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    Router::new()
+        .route("/health", get(handlers::health))
+        .merge(api)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found)
         .with_state(state)

@@ -14,6 +14,10 @@ use tokenmill_protocol::{ChatMessage, EngineClient, SamplingParams, StopConditio
 pub const MAX_STOP_STRINGS: usize = 4;
 /// `max_tokens` of a completion request that gives none (OpenAI's default).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+/// Most completions per request (OpenAI's limit).
+pub const MAX_N: i64 = 128;
+/// Most alternatives per token in `logprobs` / `top_logprobs`.
+pub const MAX_TOP_LOGPROBS: i64 = 20;
 
 /// A request that passed validation, ready for the engine.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +34,11 @@ pub struct ValidRequest {
     pub stream: bool,
     /// Whether a streamed answer ends with a usage chunk.
     pub include_usage: bool,
+    /// Completions to generate.
+    pub n: usize,
+    /// Alternatives per token to return log probabilities for (`None`: no
+    /// log probabilities at all).
+    pub logprobs: Option<usize>,
 }
 
 /// The fields of a request object; each is taken out as it is read, so that
@@ -132,10 +141,6 @@ fn is_zero(v: &Value) -> bool {
     v.as_f64() == Some(0.0)
 }
 
-fn is_one(v: &Value) -> bool {
-    v.as_f64() == Some(1.0)
-}
-
 fn is_empty_object(v: &Value) -> bool {
     v.as_object().is_some_and(Map::is_empty)
 }
@@ -148,6 +153,7 @@ struct Common {
     stop_strings: Vec<String>,
     stream: bool,
     include_usage: bool,
+    n: usize,
 }
 
 fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiError> {
@@ -180,8 +186,11 @@ fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiE
             format!("{n} is less than the minimum of 1 - 'n'"),
         ));
     }
-    if n > 1 {
-        return Err(ApiError::unsupported("n", "only n = 1 is supported"));
+    if n > MAX_N {
+        return Err(ApiError::invalid(
+            "n",
+            format!("{n} is greater than the maximum of {MAX_N} - 'n'"),
+        ));
     }
     let stop_strings = stop_strings(fields.take("stop"))?;
     let stream = fields.bool("stream")?.unwrap_or(false);
@@ -232,6 +241,7 @@ fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiE
         stop_strings,
         stream,
         include_usage,
+        n: n as usize,
     })
 }
 
@@ -261,6 +271,18 @@ fn stop_strings(value: Option<Value>) -> Result<Vec<String>, ApiError> {
     Ok(strings)
 }
 
+/// A count of alternative tokens, 0 to [`MAX_TOP_LOGPROBS`].
+fn top_logprobs(fields: &mut Fields, name: &str) -> Result<Option<usize>, ApiError> {
+    match fields.integer(name)? {
+        None => Ok(None),
+        Some(k) if (0..=MAX_TOP_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
+        Some(k) => Err(ApiError::invalid(
+            name,
+            format!("{k} is not in [0, {MAX_TOP_LOGPROBS}] - '{name}'"),
+        )),
+    }
+}
+
 fn max_tokens(fields: &mut Fields, name: &str) -> Result<Option<usize>, ApiError> {
     match fields.integer(name)? {
         None => Ok(None),
@@ -278,6 +300,7 @@ fn finish(
     prompt_tokens: Vec<u32>,
     prompt_param: &str,
     default_max_tokens: Option<usize>,
+    logprobs: Option<usize>,
     engine: &dyn EngineClient,
 ) -> Result<ValidRequest, ApiError> {
     let context = engine.model_info().context_length;
@@ -306,6 +329,8 @@ fn finish(
         },
         stream: common.stream,
         include_usage: common.include_usage,
+        n: common.n,
+        logprobs,
     })
 }
 
@@ -317,9 +342,11 @@ pub fn completion(body: &[u8], engine: &dyn EngineClient) -> Result<ValidRequest
     let prompt = fields
         .take("prompt")
         .ok_or_else(|| ApiError::invalid("prompt", "you must provide a prompt"))?;
+    let logprobs = top_logprobs(&mut fields, "logprobs")?;
     fields.only_default("echo", is_false)?;
-    fields.only_default("best_of", is_one)?;
-    fields.only_default("logprobs", |_| false)?;
+    // best_of = n is plain n; choosing the best of more is not implemented.
+    let n = common.n;
+    fields.only_default("best_of", |v| v.as_u64() == Some(n as u64))?;
     fields.only_default("suffix", |v| v.as_str() == Some(""))?;
     fields.finish()?;
     let tokens = prompt_tokens(prompt, engine)?;
@@ -328,6 +355,7 @@ pub fn completion(body: &[u8], engine: &dyn EngineClient) -> Result<ValidRequest
         tokens,
         "prompt",
         Some(DEFAULT_COMPLETION_MAX_TOKENS),
+        logprobs,
         engine,
     )
 }
@@ -379,8 +407,15 @@ pub fn chat(body: &[u8], engine: &dyn EngineClient) -> Result<ValidRequest, ApiE
     let messages = fields
         .take("messages")
         .ok_or_else(|| ApiError::invalid("messages", "you must provide messages"))?;
-    fields.only_default("logprobs", is_false)?;
-    fields.only_default("top_logprobs", |_| false)?;
+    let logprobs = fields.bool("logprobs")?.unwrap_or(false);
+    let top = top_logprobs(&mut fields, "top_logprobs")?;
+    if top.is_some() && !logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "'top_logprobs' needs 'logprobs' set to true",
+        ));
+    }
+    let logprobs = logprobs.then(|| top.unwrap_or(0));
     for name in [
         "tools",
         "tool_choice",
@@ -399,7 +434,7 @@ pub fn chat(body: &[u8], engine: &dyn EngineClient) -> Result<ValidRequest, ApiE
     let tokens = engine.tokenize_chat(&messages).map_err(|e| {
         ApiError::invalid("messages", format!("cannot apply the chat template: {e}"))
     })?;
-    finish(common, tokens, "messages", None, engine)
+    finish(common, tokens, "messages", None, logprobs, engine)
 }
 
 fn chat_messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {

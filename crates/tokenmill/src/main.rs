@@ -1,6 +1,8 @@
 //! The tokenmill binary.
 
 mod serve;
+mod tenants;
+mod usage_log;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +18,8 @@ struct Cli {
 enum Command {
     /// Serve a model over the OpenAI API.
     Serve(serve::ServeArgs),
+    /// Manage tenants and their API keys.
+    Tenants(tenants::TenantsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +33,6 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Tenants(args) => tenants::run(args),
     }
 }

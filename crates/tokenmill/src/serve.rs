@@ -1,14 +1,18 @@
 //! `tokenmill serve`: load a model, start the engine, serve the API.
 
+use crate::usage_log::{TracingMeter, UsageLog};
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
 use tokenmill_models::{catalog, LoadedModel};
-use tokenmill_server::{AppState, Limits};
+use tokenmill_protocol::MeterSink;
+use tokenmill_server::tenants::{KeyRegistry, TenantsFile};
+use tokenmill_server::{AppState, Auth, Limits};
 
 /// Flags of `tokenmill serve`.
 #[derive(Args, Debug)]
@@ -43,6 +47,57 @@ pub struct ServeArgs {
     /// Retry-After.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// The tenants file: API keys (as hashes) and the tenants they bill.
+    /// Make one with `tokenmill tenants add NAME`.
+    #[arg(long, default_value = "tenants.toml", env = "TOKENMILL_TENANTS")]
+    tenants: PathBuf,
+    /// Serve everyone, without keys, as tenant "anonymous": for local
+    /// development only.
+    #[arg(long)]
+    no_auth: bool,
+    /// Append every usage and capacity record to this file, one JSON object
+    /// per line.
+    #[arg(long)]
+    usage_log: Option<PathBuf>,
+    /// Seconds per capacity record.
+    #[arg(long, default_value_t = 10.0)]
+    capacity_interval: f64,
+}
+
+/// How requests are authenticated, from the flags.
+fn auth(args: &ServeArgs) -> anyhow::Result<Auth> {
+    if args.no_auth {
+        tracing::warn!("--no-auth: every request is served as tenant \"anonymous\"");
+        return Ok(Auth::Disabled);
+    }
+    if !args.tenants.exists() {
+        bail!(
+            "no tenants file at {}: make one with `tokenmill tenants add NAME`, or pass --no-auth \
+             to serve without keys (local development only)",
+            args.tenants.display()
+        );
+    }
+    let file = TenantsFile::load(&args.tenants)?;
+    let registry = KeyRegistry::new(&file);
+    if registry.is_empty() {
+        bail!("{} holds no keys", args.tenants.display());
+    }
+    tracing::info!(
+        tenants = file.tenants.len(),
+        keys = registry.len(),
+        file = %args.tenants.display(),
+        "API keys loaded"
+    );
+    Ok(Auth::Keys(Arc::new(registry)))
+}
+
+fn meter(args: &ServeArgs) -> anyhow::Result<Arc<dyn MeterSink>> {
+    Ok(match &args.usage_log {
+        Some(path) => {
+            Arc::new(UsageLog::open(path).with_context(|| format!("opening {}", path.display()))?)
+        }
+        None => Arc::new(TracingMeter),
+    })
 }
 
 /// Where the model file is and what to call it.
@@ -102,6 +157,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.block_size == 0 || args.kv_cache_tokens < args.block_size {
         bail!("--kv-cache-tokens must hold at least one block of --block-size tokens");
     }
+    if !(args.capacity_interval > 0.0 && args.capacity_interval.is_finite()) {
+        bail!("--capacity-interval must be a positive number of seconds");
+    }
+    let auth = auth(&args)?;
+    let meter = meter(&args)?;
     let (path, name) = resolve_model(&args)?;
     let started = std::time::Instant::now();
     let model = load(&path)?;
@@ -125,9 +185,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 max_num_seqs: args.max_num_seqs,
             },
             max_in_flight: args.max_in_flight,
+            capacity_interval: Duration::from_secs_f64(args.capacity_interval),
+            device: "cpu".to_owned(),
         },
+        meter,
     )?;
-    let state = AppState::new(Arc::new(engine), Limits::default());
+    let state = AppState::new(Arc::new(engine), Limits::default(), auth);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

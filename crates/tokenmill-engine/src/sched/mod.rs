@@ -3,22 +3,26 @@
 //!
 //! The contract is narrow: [`Scheduler::schedule`] decides a step and returns
 //! a [`SchedulerOutput`]; the engine runs the model on it and hands the
-//! sampled logits back to [`Scheduler::update_from_output`]. Decodes of
-//! running sequences go first, then prefills (new or partial, in arrival
-//! order) under the step's token budget; long prompts are prefilled in chunks.
-//! When the KV cache runs out of blocks the newest running sequence is
-//! preempted and later recomputed from its tokens. A sequence being admitted
-//! first takes the cached blocks that already hold a prefix of its tokens
-//! (same tenant only) and computes only the rest.
+//! sampled logits back to [`Scheduler::update_from_output`]. Decodes and
+//! unfinished prefills of running sequences go first, then new sequences are
+//! admitted under the step's token budget, fairly across tenants (see
+//! [`fair`]); long prompts are prefilled in chunks. When the KV cache runs
+//! out of blocks the newest running sequence is preempted and later
+//! recomputed from its tokens. A sequence being admitted first takes the
+//! cached blocks that already hold a prefix of its tokens (same tenant only)
+//! and computes only the rest; the other completions of an `n > 1` request
+//! wait until the first has computed the prompt, then share its blocks.
 
+pub mod fair;
+mod request;
 mod sequence;
 
+pub use fair::FairQueue;
 pub use sequence::Sequence;
 
 use crate::kv::BlockPool;
-use std::collections::VecDeque;
 use tokenmill_models::{ForwardBatch, LogitRows, ModelTokenizer};
-use tokenmill_protocol::FinishReason;
+use tokenmill_protocol::{FinishReason, TenantId};
 
 /// Limits of one step.
 #[derive(Clone, Debug)]
@@ -55,6 +59,8 @@ pub struct ScheduledChunk {
 pub struct SchedulerOutput {
     /// Chunks in batch order.
     pub chunks: Vec<ScheduledChunk>,
+    /// Tokens the step computes for each tenant, for capacity records.
+    pub tenant_tokens: Vec<(TenantId, usize)>,
 }
 
 impl SchedulerOutput {
@@ -73,7 +79,7 @@ impl SchedulerOutput {
 pub struct Scheduler {
     config: SchedulerConfig,
     pool: BlockPool,
-    waiting: VecDeque<Sequence>,
+    waiting: FairQueue,
     running: Vec<Sequence>,
     /// Most tokens one sequence may hold.
     context_length: usize,
@@ -86,7 +92,7 @@ impl Scheduler {
         Scheduler {
             config,
             pool,
-            waiting: VecDeque::new(),
+            waiting: FairQueue::default(),
             running: Vec::new(),
             context_length,
             preemptions: 0,
@@ -113,6 +119,11 @@ impl Scheduler {
         (self.waiting.len(), self.running.len())
     }
 
+    /// The fair queue's counter of `tenant`.
+    pub fn served(&self, tenant: &TenantId) -> f64 {
+        self.waiting.served(tenant)
+    }
+
     /// Sequences preempted so far.
     pub fn preemptions(&self) -> u64 {
         self.preemptions
@@ -130,10 +141,7 @@ impl Scheduler {
                 i += 1;
             }
         }
-        let (cancelled, kept): (Vec<_>, Vec<_>) =
-            self.waiting.drain(..).partition(Sequence::is_cancelled);
-        self.waiting = kept.into();
-        for seq in cancelled {
+        for seq in self.waiting.extract(Sequence::is_cancelled) {
             seq.finish(FinishReason::Cancelled, tokenizer, None);
         }
     }
@@ -151,6 +159,8 @@ impl Scheduler {
             let target = self.running[i].num_computed + want;
             if self.reserve_or_preempt(i, target) {
                 let seq = &self.running[i];
+                let caller = seq.caller();
+                self.waiting.charge(&caller.tenant, caller.weight, want);
                 chunks.push(ScheduledChunk {
                     running_index: i,
                     num_tokens: want,
@@ -178,17 +188,39 @@ impl Scheduler {
             }
             seq.mark_admitted();
             let samples = seq.num_computed + want == seq.tokens.len();
-            if let Some(seq) = self.waiting.pop_front() {
-                self.running.push(seq);
-            }
+            let Some(seq) = self.waiting.pop_front() else {
+                break;
+            };
+            let caller = seq.caller().clone();
+            self.running.push(seq);
             chunks.push(ScheduledChunk {
                 running_index: self.running.len() - 1,
                 num_tokens: want,
                 samples,
             });
+            // Charged now, not after the step, so that the next admission
+            // in this same step already sees it.
+            self.waiting.charge(&caller.tenant, caller.weight, want);
             budget -= want;
         }
-        SchedulerOutput { chunks }
+        let tenant_tokens = self.tenant_tokens(&chunks);
+        SchedulerOutput {
+            chunks,
+            tenant_tokens,
+        }
+    }
+
+    /// Tokens per tenant in `chunks`.
+    fn tenant_tokens(&self, chunks: &[ScheduledChunk]) -> Vec<(TenantId, usize)> {
+        let mut out: Vec<(TenantId, usize)> = Vec::new();
+        for chunk in chunks {
+            let tenant = &self.running[chunk.running_index].caller().tenant;
+            match out.iter_mut().find(|(t, _)| t == tenant) {
+                Some((_, n)) => *n += chunk.num_tokens,
+                None => out.push((tenant.clone(), chunk.num_tokens)),
+            }
+        }
+        out
     }
 
     /// Makes sure running sequence `i` has blocks for `tokens` tokens,
@@ -203,7 +235,10 @@ impl Scheduler {
                 return false;
             };
             let victim_index = self.running.len();
-            tracing::debug!(request_id = %victim.request.id, "preempted: out of KV blocks");
+            tracing::debug!(
+                request_id = victim.request_id(),
+                "preempted: out of KV blocks"
+            );
             victim.reset_cache();
             self.preemptions += 1;
             self.waiting.push_front(victim);
@@ -249,6 +284,7 @@ impl Scheduler {
         let total = output.num_tokens().max(1) as f64;
         let mut rows = logits.iter();
         let mut finished = Vec::new();
+        let mut forks = Vec::new();
         for chunk in &output.chunks {
             let seq = &mut self.running[chunk.running_index];
             seq.num_computed += chunk.num_tokens;
@@ -259,9 +295,16 @@ impl Scheduler {
                 continue;
             }
             let Some(row) = rows.next() else { break };
-            if let Some(reason) = seq.append_sampled(row, tokenizer, self.context_length) {
+            let ended = seq.append_sampled(row, tokenizer, self.context_length);
+            forks.extend(seq.take_ready_forks());
+            if let Some(reason) = ended {
                 finished.push((chunk.running_index, reason));
             }
+        }
+        // Completions of n > 1 requests whose prompt is now cached: next in
+        // line for their tenant.
+        for fork in forks.into_iter().rev() {
+            self.waiting.push_front(fork);
         }
         // Remove from the back so earlier indices stay valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
@@ -273,7 +316,8 @@ impl Scheduler {
 
     /// Ends every sequence with `reason` (a failed step, or shutdown).
     pub fn abort_all(&mut self, reason: FinishReason, message: &str, tokenizer: &ModelTokenizer) {
-        for seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+        let waiting = self.waiting.extract(|_| true);
+        for seq in self.running.drain(..).chain(waiting) {
             seq.finish(reason, tokenizer, Some(message.to_owned()));
         }
     }
@@ -282,10 +326,11 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::SystemTime;
     use tokenmill_protocol::{
-        EventSink, GenerateRequest, GenerationEvent, RequestId, SamplingParams, StopConditions,
-        TenantId,
+        Caller, DiscardMeter, EventSink, GenerateRequest, GenerationEvent, RequestId,
+        SamplingParams, StopConditions,
     };
 
     struct Discard;
@@ -304,9 +349,19 @@ mod tests {
     }
 
     fn sequence(pool: &BlockPool, prompt_len: usize, max_tokens: usize) -> Sequence {
+        tenant_sequence(pool, Caller::anonymous(), prompt_len, max_tokens, 1)
+    }
+
+    fn tenant_sequence(
+        pool: &BlockPool,
+        caller: Caller,
+        prompt_len: usize,
+        max_tokens: usize,
+        n: usize,
+    ) -> Sequence {
         let request = GenerateRequest {
             id: RequestId(format!("r{prompt_len}")),
-            tenant: TenantId::anonymous(),
+            caller,
             model: "m".into(),
             prompt_tokens: (100..100 + prompt_len as u32).collect(),
             sampling: SamplingParams::greedy(),
@@ -314,17 +369,31 @@ mod tests {
                 max_tokens,
                 stop_strings: vec![],
             },
+            n,
+            logprobs: None,
             arrived_at: SystemTime::now(),
         };
-        Sequence::new(request, Box::new(Discard), pool.empty_sequence("t"))
+        Sequence::for_request(request, Box::new(Discard), Arc::new(DiscardMeter), || {
+            pool.empty_sequence("t")
+        })
     }
 
     /// Runs steps with logits that always pick token 300 until all finish;
     /// returns the number of steps.
     fn drive(s: &mut Scheduler, t: &ModelTokenizer) -> usize {
+        drive_until(s, t, |_, _| false).len()
+    }
+
+    /// Runs steps as [`drive`] does until all finish or `stop` holds for a
+    /// step's plan; returns the tokens computed per tenant, step by step.
+    fn drive_until(
+        s: &mut Scheduler,
+        t: &ModelTokenizer,
+        stop: impl Fn(&Scheduler, &SchedulerOutput) -> bool,
+    ) -> Vec<Vec<(TenantId, usize)>> {
         let mut row = vec![0f32; 49152];
         row[300] = 1.0;
-        let mut steps = 0;
+        let mut steps = Vec::new();
         while !s.is_idle() {
             let out = s.schedule();
             assert!(
@@ -335,10 +404,90 @@ mod tests {
             assert!(out.num_tokens() <= s.config.max_batched_tokens);
             let rows = vec![row.clone(); out.chunks.iter().filter(|c| c.samples).count()];
             s.update_from_output(&out, &rows, 0.01, t);
-            steps += 1;
-            assert!(steps < 10_000);
+            steps.push(out.tenant_tokens.clone());
+            assert!(steps.len() < 10_000);
+            if stop(s, &out) {
+                break;
+            }
         }
         steps
+    }
+
+    fn caller(name: &str, weight: u32) -> Caller {
+        Caller {
+            tenant: TenantId(name.to_owned()),
+            key_id: tokenmill_protocol::KeyId::none(),
+            weight,
+        }
+    }
+
+    /// Tenant "flood" sends 40 requests, then "trickle" 4 (10:1), into an
+    /// engine that runs 4 at a time; returns the tokens computed for each
+    /// while both had requests waiting.
+    fn run_flood(weights: (u32, u32)) -> (usize, usize) {
+        let t = tokenizer();
+        let pool = BlockPool::new(256, 16);
+        let config = SchedulerConfig {
+            max_batched_tokens: 256,
+            max_num_seqs: 4,
+        };
+        let mut s = Scheduler::new(config, pool.clone(), 8192);
+        let (flood, trickle) = (caller("flood", weights.0), caller("trickle", weights.1));
+        for _ in 0..40 {
+            s.add(tenant_sequence(&pool, flood.clone(), 8, 16, 1));
+        }
+        for _ in 0..4 {
+            s.add(tenant_sequence(&pool, trickle.clone(), 8, 16, 1));
+        }
+        let count = |steps: &[Vec<(TenantId, usize)>], who: &Caller| -> usize {
+            steps
+                .iter()
+                .flatten()
+                .filter(|(t, _)| *t == who.tenant)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let steps = drive_until(&mut s, &t, |s, _| {
+            s.waiting.waiting_for(&trickle.tenant) == 0
+        });
+        // Up to the step that admitted the trickle's last request: from then
+        // on the trickle has nothing waiting and its spare share goes to the
+        // flood, as it should.
+        let both_waiting = &steps[..steps.len() - 1];
+        (count(both_waiting, &flood), count(both_waiting, &trickle))
+    }
+
+    #[test]
+    fn a_flooding_tenant_does_not_starve_another_and_weights_set_the_shares() {
+        // Equal weights: equal tokens while both have work waiting. Without
+        // fair admission the trickle would wait behind 36 of the flood's
+        // requests (a ratio near 10).
+        let (flood, trickle) = run_flood((1, 1));
+        let ratio = flood as f64 / trickle as f64;
+        assert!((0.8..=1.25).contains(&ratio), "{flood} : {trickle}");
+        // Weight 3 against weight 1: three tokens for one.
+        let (flood, trickle) = run_flood((3, 1));
+        let ratio = flood as f64 / trickle as f64;
+        assert!((2.5..=3.5).contains(&ratio), "{flood} : {trickle}");
+        // Weights the other way round: the flood gets a third.
+        let (flood, trickle) = run_flood((1, 3));
+        let ratio = flood as f64 / trickle as f64;
+        assert!((0.2..=0.45).contains(&ratio), "{flood} : {trickle}");
+    }
+
+    #[test]
+    fn the_completions_of_an_n_request_compute_the_prompt_once() {
+        let t = tokenizer();
+        let pool = BlockPool::new(64, 16);
+        let mut s = Scheduler::new(SchedulerConfig::default(), pool.clone(), 8192);
+        s.add(tenant_sequence(&pool, Caller::anonymous(), 100, 3, 4));
+        let steps = drive_until(&mut s, &t, |_, _| false);
+        let computed: usize = steps.iter().flatten().map(|(_, n)| n).sum();
+        // 100 prompt tokens once; each of the 3 other completions takes the
+        // 6 full blocks (96 tokens) from the cache and computes the last 4;
+        // then 2 decodes each (the third token is sampled, never fed back).
+        assert_eq!(computed, 100 + 3 * 4 + 4 * 2);
+        assert_eq!(pool.num_free(), 64);
     }
 
     #[test]

@@ -1,23 +1,28 @@
-//! One request's sequence inside the engine: its tokens, its KV blocks, its
-//! sampler and output, and the sink its events go to.
+//! One completion's sequence inside the engine: its tokens, its KV blocks,
+//! its sampler and output text. The request it belongs to (sink, meter,
+//! tally) is shared with the request's other completions.
 
+use super::request::SharedRequest;
 use crate::engine::InFlight;
 use crate::kv::SequenceBlocks;
 use crate::output::OutputText;
-use crate::sampler::Sampler;
-use std::time::SystemTime;
+use crate::sampler::{self, Sampler};
+use std::rc::Rc;
+use std::sync::Arc;
 use tokenmill_models::ModelTokenizer;
 use tokenmill_protocol::{
-    EventSink, FinishReason, GenerateRequest, GenerationEvent, TokenCounts, UsageEvent,
+    Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, MeterSink, TokenLogprob,
+    TopLogprob,
 };
 
-/// A sequence being generated.
+/// A sequence being generated: completion `index` of its request.
 ///
-/// It emits exactly one `Finished` event: through [`Sequence::finish`] on the
+/// It reports its end exactly once: through [`Sequence::finish`] on the
 /// normal paths, or from `Drop` (as an error) if the engine lets go of it any
 /// other way.
 pub struct Sequence {
-    pub(crate) request: GenerateRequest,
+    shared: Rc<SharedRequest>,
+    index: usize,
     /// Prompt then generated tokens.
     pub(crate) tokens: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
@@ -25,46 +30,81 @@ pub struct Sequence {
     pub(crate) blocks: SequenceBlocks,
     sampler: Sampler,
     output: OutputText,
-    sink: Box<dyn EventSink>,
-    device_seconds: f64,
-    /// Prompt tokens served from the prefix cache at first admission.
-    cached_prompt_tokens: usize,
-    /// Whether the sequence was ever admitted (a preempted one was).
+    /// The request's other completions, held back until this one has
+    /// computed the prompt, so that they find its blocks in the prefix
+    /// cache instead of computing the prompt again.
+    forks: Vec<Sequence>,
     admitted_before: bool,
-    finished: bool,
-    /// The request's place in the engine's in-flight count, given back when
-    /// the sequence is dropped.
-    _in_flight: Option<InFlight>,
+    ended: bool,
 }
 
 impl Sequence {
-    /// A new sequence for `request` that owns `blocks` (usually empty).
-    pub fn new(request: GenerateRequest, sink: Box<dyn EventSink>, blocks: SequenceBlocks) -> Self {
+    /// The sequences of a new request: the first completion, holding the
+    /// other `n - 1` as forks. `blocks` makes each completion's (empty) block
+    /// table.
+    pub fn for_request(
+        request: GenerateRequest,
+        sink: Box<dyn EventSink>,
+        meter: Arc<dyn MeterSink>,
+        blocks: impl Fn() -> SequenceBlocks,
+    ) -> Self {
+        Self::for_request_holding(request, sink, meter, None, blocks)
+    }
+
+    pub(crate) fn for_request_holding(
+        request: GenerateRequest,
+        sink: Box<dyn EventSink>,
+        meter: Arc<dyn MeterSink>,
+        in_flight: Option<InFlight>,
+        blocks: impl Fn() -> SequenceBlocks,
+    ) -> Self {
+        let n = request.n.max(1);
+        let shared = Rc::new(SharedRequest::new(request, sink, meter, in_flight));
+        let mut first = Self::completion(&shared, 0, blocks());
+        first.forks = (1..n)
+            .map(|index| Self::completion(&shared, index, blocks()))
+            .collect();
+        first
+    }
+
+    fn completion(shared: &Rc<SharedRequest>, index: usize, blocks: SequenceBlocks) -> Self {
+        let request = &shared.request;
+        let mut sampling = request.sampling.clone();
+        // Each completion draws its own random stream; a seeded request stays
+        // reproducible as a whole.
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(index as u64));
         Sequence {
             tokens: request.prompt_tokens.clone(),
             num_computed: 0,
             blocks,
-            sampler: Sampler::new(request.sampling.clone()),
+            sampler: Sampler::new(sampling),
             output: OutputText::new(request.stop.stop_strings.clone()),
-            sink,
-            device_seconds: 0.0,
-            cached_prompt_tokens: 0,
+            forks: Vec::new(),
             admitted_before: false,
-            finished: false,
-            _in_flight: None,
-            request,
+            ended: false,
+            index,
+            shared: shared.clone(),
         }
     }
 
-    /// Ties the request's in-flight place to this sequence's life.
-    pub(crate) fn holding(mut self, slot: InFlight) -> Self {
-        self._in_flight = Some(slot);
-        self
+    /// Who pays for this sequence.
+    pub fn caller(&self) -> &Caller {
+        &self.shared.request.caller
+    }
+
+    /// When the request arrived.
+    pub fn arrived_at(&self) -> std::time::SystemTime {
+        self.shared.request.arrived_at
+    }
+
+    /// The request id, for logs.
+    pub(crate) fn request_id(&self) -> &str {
+        &self.shared.request.id.0
     }
 
     /// Prompt length.
     pub fn prompt_len(&self) -> usize {
-        self.request.prompt_tokens.len()
+        self.shared.request.prompt_tokens.len()
     }
 
     /// Tokens generated so far.
@@ -79,7 +119,7 @@ impl Sequence {
 
     /// Whether the client is gone.
     pub fn is_cancelled(&self) -> bool {
-        self.sink.is_closed()
+        self.shared.is_cancelled()
     }
 
     /// Takes the cached blocks holding a prefix of the tokens; always leaves
@@ -90,19 +130,21 @@ impl Sequence {
             .take_cached_prefix(&self.tokens, self.tokens.len() - 1);
     }
 
-    /// Records the first admission. Only its cache hit counts toward billed
-    /// cached tokens: a preempted sequence's recomputation is the server's
-    /// cost either way.
+    /// Records an admission. Only the request's first one counts toward
+    /// billed cached tokens.
     pub fn mark_admitted(&mut self) {
         if !self.admitted_before {
-            self.cached_prompt_tokens = self.num_computed.min(self.prompt_len());
             self.admitted_before = true;
+            if self.index == 0 {
+                self.shared
+                    .note_admission(self.num_computed.min(self.prompt_len()));
+            }
         }
     }
 
     /// Adds device time attributed to this sequence.
     pub fn charge(&mut self, seconds: f64) {
-        self.device_seconds += seconds;
+        self.shared.charge(seconds);
     }
 
     /// Forgets the cached keys and values (preemption): the sequence will be
@@ -110,6 +152,16 @@ impl Sequence {
     pub fn reset_cache(&mut self) {
         self.blocks.release();
         self.num_computed = 0;
+    }
+
+    /// The request's other completions, once this one has computed the
+    /// prompt (its full blocks are then in the prefix cache).
+    pub fn take_ready_forks(&mut self) -> Vec<Sequence> {
+        if self.num_computed >= self.prompt_len() {
+            std::mem::take(&mut self.forks)
+        } else {
+            Vec::new()
+        }
     }
 
     /// Samples the next token from its logits, appends it and sends the text
@@ -122,18 +174,23 @@ impl Sequence {
     ) -> Option<FinishReason> {
         let token = self.sampler.sample(logits);
         self.tokens.push(token);
+        self.shared.add_completion_token();
         if tokenizer.is_end_of_generation(token) {
-            self.send_text(String::new(), vec![token]);
+            self.send_text(String::new(), token, Vec::new());
             return Some(FinishReason::Stop);
         }
+        let logprobs = match self.shared.request.logprobs {
+            Some(top) => vec![token_logprob(logits, token, top, tokenizer)],
+            None => Vec::new(),
+        };
         let delta = self.output.push(tokenizer, token);
         let stopped = delta.stopped;
-        if !self.send_text(delta.text, vec![token]) {
+        if !self.send_text(delta.text, token, logprobs) {
             return Some(FinishReason::Cancelled);
         }
         if stopped {
             Some(FinishReason::Stop)
-        } else if self.generated() >= self.request.stop.max_tokens
+        } else if self.generated() >= self.shared.request.stop.max_tokens
             || self.tokens.len() >= context_length
         {
             Some(FinishReason::Length)
@@ -142,71 +199,85 @@ impl Sequence {
         }
     }
 
-    fn send_text(&self, text: String, token_ids: Vec<u32>) -> bool {
-        self.sink.send(GenerationEvent::Text { text, token_ids })
+    fn send_text(&self, text: String, token: u32, logprobs: Vec<TokenLogprob>) -> bool {
+        self.shared.send(GenerationEvent::Text {
+            index: self.index,
+            text,
+            token_ids: vec![token],
+            logprobs,
+        })
     }
 
-    /// Token counts as billed: the prompt once (recomputation after
-    /// preemption is the server's cost, not the tenant's) and every generated
-    /// token.
-    pub fn token_counts(&self) -> TokenCounts {
-        TokenCounts {
-            prompt_tokens: self.prompt_len() as u64,
-            cached_prompt_tokens: self.cached_prompt_tokens as u64,
-            completion_tokens: self.generated() as u64,
-        }
-    }
-
-    /// Ends the sequence: flushes held-back text (unless a stop string or a
-    /// cancellation ended it) and emits its one usage record.
+    /// Ends the sequence (and any completions still held back with it):
+    /// flushes held-back text unless a stop string or a cancellation ended
+    /// it, and reports the end to the request.
     pub fn finish(
         mut self,
         reason: FinishReason,
         tokenizer: &ModelTokenizer,
         error: Option<String>,
     ) {
+        for fork in std::mem::take(&mut self.forks) {
+            fork.finish(reason, tokenizer, error.clone());
+        }
         if matches!(reason, FinishReason::Length | FinishReason::Stop) {
             let rest = self.output.finish(tokenizer);
             if !rest.text.is_empty() {
-                self.send_text(rest.text, Vec::new());
+                self.shared.send(GenerationEvent::Text {
+                    index: self.index,
+                    text: rest.text,
+                    token_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                });
             }
         }
-        self.emit_finished(reason, error);
+        self.end(reason, error);
     }
 
-    fn emit_finished(&mut self, reason: FinishReason, error: Option<String>) {
-        if self.finished {
+    fn end(&mut self, reason: FinishReason, error: Option<String>) {
+        if self.ended {
             return;
         }
-        self.finished = true;
-        let usage = UsageEvent {
-            request_id: self.request.id.clone(),
-            tenant: self.request.tenant.clone(),
-            model: self.request.model.clone(),
-            tokens: self.token_counts(),
-            finish_reason: reason,
-            device_seconds: self.device_seconds,
-            arrived_at: self.request.arrived_at,
-            finished_at: SystemTime::now(),
-        };
-        tracing::info!(
-            request_id = %usage.request_id,
-            tenant = %usage.tenant,
-            prompt_tokens = usage.tokens.prompt_tokens,
-            completion_tokens = usage.tokens.completion_tokens,
-            finish_reason = reason.as_str(),
-            device_seconds = usage.device_seconds,
-            "request finished"
-        );
-        self.sink.send(GenerationEvent::Finished { usage, error });
+        self.ended = true;
+        self.shared.note_end(reason, error);
+        self.shared.send(GenerationEvent::ChoiceEnd {
+            index: self.index,
+            reason,
+        });
     }
 }
 
 impl Drop for Sequence {
     fn drop(&mut self) {
-        self.emit_finished(
+        self.end(
             FinishReason::Error,
             Some("the engine stopped before the request finished".to_owned()),
         );
+    }
+}
+
+/// The log probability of `chosen` and of the `top` most likely tokens,
+/// under the model's own distribution (before temperature and top-p).
+fn token_logprob(
+    logits: &[f32],
+    chosen: u32,
+    top: usize,
+    tokenizer: &ModelTokenizer,
+) -> TokenLogprob {
+    let log_probs = sampler::log_softmax(logits);
+    let entry = |token: u32| TopLogprob {
+        token,
+        bytes: tokenizer.token_bytes(token),
+        logprob: log_probs
+            .get(token as usize)
+            .copied()
+            .unwrap_or(f32::NEG_INFINITY),
+    };
+    TokenLogprob {
+        chosen: entry(chosen),
+        top: sampler::top_k(&log_probs, top)
+            .into_iter()
+            .map(entry)
+            .collect(),
     }
 }
