@@ -362,7 +362,7 @@ def make_server(name: str, args: argparse.Namespace, port: int) -> Server:
         env["RAYON_NUM_THREADS"] = str(args.threads)
         env["CANDLE_NUM_THREADS"] = str(args.threads)
         argv = [str(args.tokenmill_bin), "serve", "--model", str(args.model), "--served-model-name", SERVED_NAME,
-                "--host", "127.0.0.1", "--port", str(port)]
+                "--host", "127.0.0.1", "--port", str(port), "--no-auth", *getattr(args, "tokenmill_args", [])]
         return Server(name, argv, env, port, "/health")
     argv = [args.llamacpp_python, "-m", "llama_cpp.server", "--model", str(args.model), "--model_alias", SERVED_NAME,
             "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
