@@ -96,3 +96,16 @@ def test_system_message_is_part_of_the_prompt(client: openai.OpenAI) -> None:
     short = chat(client, [{"role": "system", "content": "Be brief."}, user], max_tokens=4)
     long = chat(client, [{"role": "system", "content": "Be brief. " * 10}, user], max_tokens=4)
     assert long.usage.prompt_tokens > short.usage.prompt_tokens
+
+
+def test_ignore_eos_makes_exactly_max_tokens(client: openai.OpenAI) -> None:
+    """A chat answer that ends early (finish "stop") runs to max_tokens with ignore_eos (the benchmark extension)."""
+    messages = [{"role": "user", "content": "What is 2 + 2? Answer with one number."}]
+    natural = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
+    assert natural.choices[0].finish_reason == "stop"
+    assert natural.usage.completion_tokens < 40
+    forced = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert forced.choices[0].finish_reason == "length"
+    assert forced.usage.completion_tokens == 40

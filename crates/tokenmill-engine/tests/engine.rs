@@ -38,6 +38,7 @@ fn request(engine: &Engine, id: &str, prompt: &str, max_tokens: usize) -> Genera
         stop: StopConditions {
             max_tokens,
             stop_strings: Vec::new(),
+            ignore_eos: false,
         },
         n: 1,
         logprobs: None,

@@ -120,6 +120,9 @@ pub struct StopConditions {
     /// Strings that end generation when they appear in the output; they are
     /// matched across token boundaries and removed from the returned text.
     pub stop_strings: Vec<String>,
+    /// Keep generating past end-of-generation tokens, so that exactly
+    /// `max_tokens` are made (for benchmarks that fix the output length).
+    pub ignore_eos: bool,
 }
 
 /// One validated generation request, already tokenized.

@@ -154,6 +154,7 @@ struct Common {
     stream: bool,
     include_usage: bool,
     n: usize,
+    ignore_eos: bool,
 }
 
 fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiError> {
@@ -226,6 +227,9 @@ fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiE
         }
     };
     fields.string("user")?;
+    // Not OpenAI's, but the extension vLLM and others accept: benchmarks use
+    // it to fix the output length.
+    let ignore_eos = fields.bool("ignore_eos")?.unwrap_or(false);
     for name in ["presence_penalty", "frequency_penalty"] {
         fields.only_default(name, is_zero)?;
     }
@@ -242,6 +246,7 @@ fn common(fields: &mut Fields, engine: &dyn EngineClient) -> Result<Common, ApiE
         stream,
         include_usage,
         n: n as usize,
+        ignore_eos,
     })
 }
 
@@ -326,6 +331,7 @@ fn finish(
         stop: StopConditions {
             max_tokens,
             stop_strings: common.stop_strings,
+            ignore_eos: common.ignore_eos,
         },
         stream: common.stream,
         include_usage: common.include_usage,

@@ -368,6 +368,7 @@ mod tests {
             stop: StopConditions {
                 max_tokens,
                 stop_strings: vec![],
+                ignore_eos: false,
             },
             n,
             logprobs: None,

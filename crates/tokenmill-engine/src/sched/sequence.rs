@@ -175,7 +175,7 @@ impl Sequence {
         let token = self.sampler.sample(logits);
         self.tokens.push(token);
         self.shared.add_completion_token();
-        if tokenizer.is_end_of_generation(token) {
+        if tokenizer.is_end_of_generation(token) && !self.shared.request.stop.ignore_eos {
             self.send_text(String::new(), token, Vec::new());
             return Some(FinishReason::Stop);
         }
