@@ -107,6 +107,7 @@ pub struct Engine {
     kv_capacity_tokens: usize,
     max_in_flight: usize,
     stats: Arc<EngineStats>,
+    meter: Arc<dyn MeterSink>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -139,6 +140,7 @@ impl Engine {
         let worker_stats = stats.clone();
         let worker_tokenizer = tokenizer.clone();
         let worker_config = config.clone();
+        let worker_meter = meter.clone();
         let thread = std::thread::Builder::new()
             .name("tokenmill-engine".to_owned())
             .spawn(move || {
@@ -156,7 +158,7 @@ impl Engine {
                         &worker_config.device,
                         worker_config.capacity_interval,
                     ),
-                    meter,
+                    meter: worker_meter,
                 }
                 .run()
             })
@@ -173,6 +175,7 @@ impl Engine {
             kv_capacity_tokens: config.block_size * config.num_blocks,
             max_in_flight: config.max_in_flight,
             stats,
+            meter,
             thread: Some(thread),
         })
     }
@@ -225,6 +228,11 @@ impl EngineClient for Engine {
                 "{longest} tokens exceed the KV cache of {} tokens",
                 self.kv_capacity_tokens
             )));
+        }
+        if !self.meter.is_healthy() {
+            return Err(SubmitError::Unavailable(
+                "usage cannot be recorded right now".to_owned(),
+            ));
         }
         let Some(slot) = InFlight::claim(&self.stats.in_flight, self.max_in_flight) else {
             return Err(SubmitError::Overloaded {

@@ -11,8 +11,8 @@ use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
 use tokenmill_models::{catalog, LoadedModel};
 use tokenmill_protocol::{
     Caller, CapacityRecord, DiscardMeter, EngineClient, EventSink, FinishReason, GenerateRequest,
-    GenerationEvent, MeterSink, RequestId, SamplingParams, StopConditions, TokenLogprob,
-    UsageEvent,
+    GenerationEvent, MeterSink, OnRecorded, RequestId, SamplingParams, StopConditions,
+    TokenLogprob, UsageEvent,
 };
 
 fn start(config: EngineConfig) -> Engine {
@@ -54,8 +54,9 @@ struct Recorder {
 }
 
 impl MeterSink for Recorder {
-    fn record_usage(&self, usage: &UsageEvent) {
+    fn record_usage(&self, usage: &UsageEvent, then: OnRecorded) {
         self.usage.lock().unwrap().push(usage.clone());
+        then(Ok(()));
     }
     fn record_capacity(&self, capacity: &CapacityRecord) {
         self.capacity.lock().unwrap().push(capacity.clone());
@@ -474,4 +475,47 @@ fn usage_and_capacity_records_count_what_the_steps_computed() {
         assert_eq!(tenants, c.tokens);
         assert!(c.tenants.iter().all(|t| t.tenant.0 == "anonymous"));
     }
+}
+
+/// A meter whose disk is gone: records fail, and it says so.
+struct BrokenMeter {
+    healthy: std::sync::atomic::AtomicBool,
+}
+
+impl MeterSink for BrokenMeter {
+    fn record_usage(&self, _: &UsageEvent, then: OnRecorded) {
+        self.healthy.store(false, Ordering::SeqCst);
+        then(Err("disk full".to_owned()));
+    }
+    fn record_capacity(&self, _: &CapacityRecord) {}
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn when_usage_cannot_be_recorded_the_client_gets_an_error_and_new_requests_are_refused() {
+    let meter = Arc::new(BrokenMeter {
+        healthy: true.into(),
+    });
+    let engine = start_metered(EngineConfig::default(), meter);
+    let events = submit(&engine, "unrecorded", PROMPTS[0], 4, None);
+    let (_, usage) = collect_all(events);
+    assert_eq!(
+        usage.finish_reason,
+        FinishReason::Error,
+        "no success without a record"
+    );
+    let refused = engine.submit(
+        request(&engine, "after", PROMPTS[0], 4),
+        Box::new(TestSink {
+            events: channel().0,
+            hang_up_after: None,
+            sent: Default::default(),
+        }),
+    );
+    assert!(matches!(
+        refused,
+        Err(tokenmill_protocol::SubmitError::Unavailable(_))
+    ));
 }

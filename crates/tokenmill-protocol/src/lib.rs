@@ -320,16 +320,28 @@ pub struct TenantCapacity {
     pub tokens: u64,
 }
 
+/// Called once a usage record is durable (`Ok`) or could not be kept
+/// (`Err`, with the reason).
+pub type OnRecorded = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// Where the engine hands its usage and capacity records.
 ///
-/// A usage record is handed over before the client is told the request
-/// finished, so what a client sees was recorded first.
+/// The client is told a request finished only from the usage record's
+/// [`OnRecorded`] callback, so no client sees a usage that was not recorded
+/// first. A sink may call it at once (nothing to wait for) or later, from
+/// another thread (after an fsync); the engine never waits for it.
 pub trait MeterSink: Send + Sync {
-    /// Records the usage of one finished request.
-    fn record_usage(&self, usage: &UsageEvent);
+    /// Records the usage of one finished request, then calls `then`.
+    fn record_usage(&self, usage: &UsageEvent, then: OnRecorded);
 
     /// Records the capacity of one interval.
     fn record_capacity(&self, capacity: &CapacityRecord);
+
+    /// Whether records can be kept now; when not, the engine refuses new
+    /// requests (fail closed: no unmetered tokens).
+    fn is_healthy(&self) -> bool {
+        true
+    }
 }
 
 /// A [`MeterSink`] that keeps nothing (tests and tools that only need the
@@ -337,7 +349,9 @@ pub trait MeterSink: Send + Sync {
 pub struct DiscardMeter;
 
 impl MeterSink for DiscardMeter {
-    fn record_usage(&self, _: &UsageEvent) {}
+    fn record_usage(&self, _: &UsageEvent, then: OnRecorded) {
+        then(Ok(()));
+    }
     fn record_capacity(&self, _: &CapacityRecord) {}
 }
 

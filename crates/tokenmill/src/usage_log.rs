@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::Mutex;
-use tokenmill_protocol::{CapacityRecord, MeterSink, UsageEvent};
+use tokenmill_protocol::{CapacityRecord, MeterSink, OnRecorded, UsageEvent};
 
 /// Appends records to a JSON-lines file.
 pub struct UsageLog {
@@ -33,7 +33,7 @@ impl UsageLog {
         })
     }
 
-    fn append(&self, line: Line<'_>) {
+    fn append(&self, line: Line<'_>) -> std::io::Result<()> {
         let result = (|| -> std::io::Result<()> {
             let mut file = self
                 .file
@@ -43,19 +43,21 @@ impl UsageLog {
             file.write_all(b"\n")?;
             file.flush()
         })();
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!(error = %e, "cannot write the usage log");
         }
+        result
     }
 }
 
 impl MeterSink for UsageLog {
-    fn record_usage(&self, usage: &UsageEvent) {
-        self.append(Line::Usage(usage));
+    fn record_usage(&self, usage: &UsageEvent, then: OnRecorded) {
+        then(self.append(Line::Usage(usage)).map_err(|e| e.to_string()));
     }
 
     fn record_capacity(&self, capacity: &CapacityRecord) {
-        self.append(Line::Capacity(capacity));
+        // A lost capacity record is logged; it bills no client.
+        let _ = self.append(Line::Capacity(capacity));
     }
 }
 
@@ -64,8 +66,9 @@ impl MeterSink for UsageLog {
 pub struct TracingMeter;
 
 impl MeterSink for TracingMeter {
-    fn record_usage(&self, _: &UsageEvent) {
+    fn record_usage(&self, _: &UsageEvent, then: OnRecorded) {
         // The engine already logs every finished request.
+        then(Ok(()));
     }
 
     fn record_capacity(&self, c: &CapacityRecord) {

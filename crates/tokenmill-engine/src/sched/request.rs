@@ -17,7 +17,8 @@ use tokenmill_protocol::{
 /// One request inside the engine, shared by its sequences.
 pub(crate) struct SharedRequest {
     pub(crate) request: GenerateRequest,
-    sink: Box<dyn EventSink>,
+    /// The client's sink; taken by the usage record's callback at the end.
+    sink: Option<Box<dyn EventSink>>,
     meter: Arc<dyn MeterSink>,
     tally: RefCell<Tally>,
     /// The request's place in the engine's in-flight count, given back with
@@ -46,7 +47,7 @@ impl SharedRequest {
     ) -> Self {
         SharedRequest {
             request,
-            sink,
+            sink: Some(sink),
             meter,
             tally: RefCell::new(Tally::default()),
             _in_flight: in_flight,
@@ -55,12 +56,12 @@ impl SharedRequest {
 
     /// Sends an event to the client; `false` when it is gone.
     pub(crate) fn send(&self, event: GenerationEvent) -> bool {
-        self.sink.send(event)
+        self.sink.as_ref().is_some_and(|s| s.send(event))
     }
 
     /// Whether the client is gone.
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.sink.is_closed()
+        self.sink.as_ref().is_none_or(|s| s.is_closed())
     }
 
     /// Records the prefix-cache hit of the request's first admission; later
@@ -139,7 +140,6 @@ impl Drop for SharedRequest {
             device_seconds = usage.device_seconds,
             "request finished"
         );
-        self.meter.record_usage(&usage);
         let error = match usage.finish_reason {
             FinishReason::Error => Some(
                 tally
@@ -148,6 +148,30 @@ impl Drop for SharedRequest {
             ),
             _ => tally.error,
         };
-        self.sink.send(GenerationEvent::Finished { usage, error });
+        let Some(sink) = self.sink.take() else {
+            return;
+        };
+        let record = usage.clone();
+        // The client hears of the end only once the record is kept; if it
+        // cannot be, the client gets an error rather than unbilled tokens.
+        self.meter.record_usage(
+            &record,
+            Box::new(move |recorded| {
+                let event = match recorded {
+                    Ok(()) => GenerationEvent::Finished { usage, error },
+                    Err(reason) => {
+                        tracing::error!(request_id = %usage.request_id, %reason, "usage not recorded");
+                        GenerationEvent::Finished {
+                            usage: UsageEvent {
+                                finish_reason: FinishReason::Error,
+                                ..usage
+                            },
+                            error: Some(format!("the usage record could not be kept: {reason}")),
+                        }
+                    }
+                };
+                sink.send(event);
+            }),
+        );
     }
 }
