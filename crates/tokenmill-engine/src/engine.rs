@@ -5,6 +5,7 @@
 use crate::capacity::CapacityMeter;
 use crate::kv::BlockPool;
 use crate::sched::{Scheduler, SchedulerConfig, Sequence};
+use crate::telemetry;
 use candle_core::Tensor;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -314,6 +315,12 @@ impl StepLoop {
             self.stats
                 .overhead_nanos
                 .fetch_add(overhead.as_nanos() as u64, Ordering::Relaxed);
+            telemetry::step(
+                plan.chunks.len(),
+                plan.num_tokens(),
+                forward_time.as_secs_f64(),
+                overhead.as_secs_f64(),
+            );
             self.publish_stats();
         }
         self.meter.record_capacity(&self.capacity.roll());
@@ -349,14 +356,14 @@ impl StepLoop {
 
     fn publish_stats(&self) {
         let (waiting, running) = self.scheduler.len();
+        let free = self.scheduler.pool().num_free();
         self.stats.waiting.store(waiting, Ordering::Relaxed);
         self.stats.running.store(running, Ordering::Relaxed);
-        self.stats
-            .free_blocks
-            .store(self.scheduler.pool().num_free(), Ordering::Relaxed);
-        self.stats
-            .preemptions
-            .store(self.scheduler.preemptions(), Ordering::Relaxed);
+        self.stats.free_blocks.store(free, Ordering::Relaxed);
+        let preemptions = self.scheduler.preemptions();
+        let before = self.stats.preemptions.swap(preemptions, Ordering::Relaxed);
+        telemetry::preempted(preemptions.saturating_sub(before));
+        telemetry::state(waiting, running, free, self.scheduler.pool().num_blocks());
     }
 
     fn handle(&mut self, command: Command) {

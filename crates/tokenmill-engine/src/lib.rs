@@ -13,6 +13,7 @@ pub mod kv;
 pub mod output;
 pub mod sampler;
 pub mod sched;
+pub mod telemetry;
 
 pub use engine::{Engine, EngineConfig, EngineStats};
 pub use sched::SchedulerConfig;

@@ -170,6 +170,24 @@ impl ApiError {
         }
     }
 
+    /// The request outcome this error counts as in metrics.
+    pub fn outcome(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            InvalidRequest { .. }
+            | Unsupported { .. }
+            | UnknownField(_)
+            | InvalidJson(_)
+            | ContextLengthExceeded { .. } => "invalid",
+            PayloadTooLarge(_) => "too_large",
+            MissingApiKey | InvalidApiKey(_) => "unauthorized",
+            ModelNotFound(_) | RouteNotFound { .. } => "not_found",
+            Overloaded(_) => "overloaded",
+            Unavailable(_) => "unavailable",
+            Internal(_) => "error",
+        }
+    }
+
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         self.parts().0

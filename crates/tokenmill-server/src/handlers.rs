@@ -3,6 +3,7 @@
 
 use crate::error::ApiError;
 use crate::openai::{finish_reason, logprobs_text_len, ChoiceOut, Endpoint, ResponseHeader, Usage};
+use crate::telemetry::{self, RequestTimer, TenantLabels};
 use crate::validate::{self, ValidRequest};
 use crate::AppState;
 use axum::extract::{Path, Request, State};
@@ -12,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::stream::{self, Stream, StreamExt};
 use std::convert::Infallible;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokenmill_protocol::{
     Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestId, SubmitError,
     TokenLogprob, UsageEvent,
@@ -45,6 +46,25 @@ fn model_object(state: &AppState) -> serde_json::Value {
         "created": state.started_at,
         "owned_by": "tokenmill",
     })
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::RouteNotFound {
+            method: "GET".to_owned(),
+            path: "/metrics".to_owned(),
+        }
+        .into_response(),
+    }
 }
 
 /// `GET /v1/models`
@@ -96,6 +116,43 @@ async fn generate(
     endpoint: Endpoint,
     request: Request,
 ) -> Result<Response, ApiError> {
+    let model = state.engine.model_info().name.clone();
+    let accepted = accept(state, caller, endpoint, request, Instant::now())
+        .await
+        .inspect_err(|e| telemetry::refused(endpoint, &model, e.outcome()))?;
+    let Accepted {
+        header,
+        shape,
+        stream,
+        events,
+        timing,
+    } = accepted;
+    if stream {
+        Ok(stream_response(header, events, shape, timing).into_response())
+    } else {
+        collect_response(header, events, shape, timing)
+            .await
+            .map(IntoResponse::into_response)
+    }
+}
+
+/// A request the engine took.
+struct Accepted {
+    header: ResponseHeader,
+    shape: Shape,
+    stream: bool,
+    events: UnboundedReceiver<GenerationEvent>,
+    timing: Timing,
+}
+
+/// Reads, validates and submits a request.
+async fn accept(
+    state: AppState,
+    caller: Caller,
+    endpoint: Endpoint,
+    request: Request,
+    arrived: Instant,
+) -> Result<Accepted, ApiError> {
     let limit = state.limits.max_body_bytes;
     let body = axum::body::to_bytes(request.into_body(), limit)
         .await
@@ -122,13 +179,38 @@ async fn generate(
         include_usage: valid.include_usage,
     };
     let stream = valid.stream;
+    let timer = Timing {
+        timer: RequestTimer::new(endpoint, &header.model, arrived, valid.n),
+        tenant_labels: state.tenant_labels.clone(),
+    };
     let events = submit(&state, caller, &header, valid)?;
-    if stream {
-        Ok(stream_response(header, events, shape).into_response())
-    } else {
-        collect_response(header, events, shape)
-            .await
-            .map(IntoResponse::into_response)
+    Ok(Accepted {
+        header,
+        shape,
+        stream,
+        events,
+        timing: timer,
+    })
+}
+
+/// A request's latency timer and how to label its tokens.
+struct Timing {
+    timer: RequestTimer,
+    tenant_labels: TenantLabels,
+}
+
+impl Timing {
+    fn on_event(&mut self, event: &GenerationEvent) {
+        if let GenerationEvent::Text {
+            index, token_ids, ..
+        } = event
+        {
+            self.timer.tokens(*index, token_ids.len());
+        }
+    }
+
+    fn finished(self, usage: &UsageEvent) {
+        self.timer.finished(usage, &self.tenant_labels);
     }
 }
 
@@ -191,6 +273,7 @@ async fn collect_response(
     header: ResponseHeader,
     mut events: UnboundedReceiver<GenerationEvent>,
     shape: Shape,
+    mut timing: Timing,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let mut choices = vec![
         ChoiceOut {
@@ -200,6 +283,7 @@ async fn collect_response(
         shape.n
     ];
     while let Some(event) = events.recv().await {
+        timing.on_event(&event);
         match event {
             GenerationEvent::Text {
                 index,
@@ -220,6 +304,7 @@ async fn collect_response(
                 }
             }
             GenerationEvent::Finished { usage, error } => {
+                timing.finished(&usage);
                 if let Some(err) = failure(&usage, error) {
                     return Err(err);
                 }
@@ -260,11 +345,15 @@ struct StreamState {
     header: ResponseHeader,
     shape: Shape,
     pending: Vec<PendingLogprobs>,
+    timing: Option<Timing>,
 }
 
 impl StreamState {
     /// The SSE events for one engine event, and whether the stream goes on.
     fn on_event(&mut self, event: GenerationEvent) -> (Vec<Event>, bool) {
+        if let Some(timing) = &mut self.timing {
+            timing.on_event(&event);
+        }
         match event {
             GenerationEvent::Text {
                 index,
@@ -307,6 +396,9 @@ impl StreamState {
                 (vec![sse_json(&chunk)], true)
             }
             GenerationEvent::Finished { usage, error } => {
+                if let Some(timing) = self.timing.take() {
+                    timing.finished(&usage);
+                }
                 let mut out = Vec::new();
                 match failure(&usage, error) {
                     Some(err) => out.push(sse_json(&err.body())),
@@ -328,6 +420,7 @@ fn stream_response(
     header: ResponseHeader,
     events: UnboundedReceiver<GenerationEvent>,
     shape: Shape,
+    timing: Timing,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let opening: Vec<Event> = match header.endpoint {
         Endpoint::Chat => (0..shape.n)
@@ -340,6 +433,7 @@ fn stream_response(
         header,
         shape,
         pending: vec![PendingLogprobs::default(); shape.n],
+        timing: Some(timing),
     };
     let body = stream::unfold(Some(state), move |state| async move {
         let mut state = state?;

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 mod handlers;
 pub mod openai;
+pub mod telemetry;
 pub mod tenants;
 pub mod validate;
 
@@ -16,9 +17,11 @@ pub use auth::Auth;
 
 use axum::routing::{get, post};
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use telemetry::TenantLabels;
 use tokenmill_protocol::EngineClient;
 
 pub use error::ApiError;
@@ -44,6 +47,8 @@ pub struct AppState {
     engine: Arc<dyn EngineClient>,
     limits: Limits,
     auth: Auth,
+    metrics: Option<PrometheusHandle>,
+    tenant_labels: TenantLabels,
     started_at: u64,
 }
 
@@ -54,10 +59,22 @@ impl AppState {
             engine,
             limits,
             auth,
+            metrics: None,
+            tenant_labels: TenantLabels::default(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         }
+    }
+}
+
+impl AppState {
+    /// Serves `/metrics` from `handle` (the installed Prometheus recorder),
+    /// labelling token counters by tenant as `tenant_labels` says.
+    pub fn with_metrics(mut self, handle: PrometheusHandle, tenant_labels: TenantLabels) -> Self {
+        self.metrics = Some(handle);
+        self.tenant_labels = tenant_labels;
+        self
     }
 }
 
@@ -75,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
         .merge(api)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found)

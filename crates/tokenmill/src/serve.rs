@@ -5,12 +5,14 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
 use tokenmill_models::{catalog, LoadedModel};
 use tokenmill_protocol::MeterSink;
+use tokenmill_server::telemetry::TenantLabels;
 use tokenmill_server::tenants::{KeyRegistry, TenantsFile};
 use tokenmill_server::{AppState, Auth, Limits};
 
@@ -62,6 +64,32 @@ pub struct ServeArgs {
     /// Seconds per capacity record.
     #[arg(long, default_value_t = 10.0)]
     capacity_interval: f64,
+    /// Label token metrics by tenant for these tenants only (comma
+    /// separated); all others count as "other". Off by default: per-tenant
+    /// usage lives in the usage records.
+    #[arg(long, value_delimiter = ',')]
+    metrics_tenant_label: Vec<String>,
+}
+
+/// Buckets of latency histograms, in seconds: 1 ms to 2 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Buckets of per-step counts (sequences, tokens).
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
+
+/// Installs the Prometheus recorder every metric goes to.
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Prefix("tokenmill_step_".to_owned()), COUNT_BUCKETS)?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    tokenmill_engine::telemetry::describe();
+    tokenmill_server::telemetry::describe();
+    Ok(handle)
 }
 
 /// How requests are authenticated, from the flags.
@@ -190,7 +218,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         meter,
     )?;
-    let state = AppState::new(Arc::new(engine), Limits::default(), auth);
+    let metrics = install_metrics()?;
+    let tenant_labels = if args.metrics_tenant_label.is_empty() {
+        TenantLabels::default()
+    } else {
+        TenantLabels::allow(args.metrics_tenant_label.clone())
+    };
+    let state = AppState::new(Arc::new(engine), Limits::default(), auth)
+        .with_metrics(metrics.clone(), tenant_labels);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,6 +236,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {address}"))?;
         tracing::info!("listening on http://{address}");
+        // Histograms are aggregated by the exporter's upkeep; run it often
+        // enough that a scrape never waits on a backlog.
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        });
         tokenmill_server::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("server stopped");
         anyhow::Ok(())

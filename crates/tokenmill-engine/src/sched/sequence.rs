@@ -125,9 +125,9 @@ impl Sequence {
     /// Takes the cached blocks holding a prefix of the tokens; always leaves
     /// at least one token to compute, whose logits give the next token.
     pub fn take_cached_prefix(&mut self) {
-        self.num_computed = self
-            .blocks
-            .take_cached_prefix(&self.tokens, self.tokens.len() - 1);
+        let queried = self.tokens.len() - 1;
+        self.num_computed = self.blocks.take_cached_prefix(&self.tokens, queried);
+        crate::telemetry::prefix_lookup(queried, self.num_computed);
     }
 
     /// Records an admission. Only the request's first one counts toward
@@ -136,6 +136,8 @@ impl Sequence {
         if !self.admitted_before {
             self.admitted_before = true;
             if self.index == 0 {
+                let waited = self.shared.request.arrived_at.elapsed().unwrap_or_default();
+                crate::telemetry::admitted(waited.as_secs_f64());
                 self.shared
                     .note_admission(self.num_computed.min(self.prompt_len()));
             }
