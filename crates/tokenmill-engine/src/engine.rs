@@ -75,6 +75,8 @@ pub struct EngineStats {
 
 enum Command {
     Submit(Box<GenerateRequest>, Box<dyn EventSink>, InFlight),
+    /// End every sequence now, with this reason (a drain's deadline).
+    AbortAll(FinishReason),
 }
 
 /// One request's place in the in-flight count; dropping it (with the request's
@@ -186,6 +188,18 @@ impl Engine {
     /// The engine's live counters.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Requests accepted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.stats.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Ends every running and waiting request at the next step with
+    /// `reason`; each is billed for the work done.
+    pub fn abort_all(&self, reason: FinishReason) {
+        // A closed channel means the loop is gone and nothing is left to end.
+        let _ = self.commands.send(Command::AbortAll(reason));
     }
 }
 
@@ -381,6 +395,10 @@ impl StepLoop {
                     || pool.empty_sequence(&salt),
                 );
                 self.scheduler.add(sequence);
+            }
+            Command::AbortAll(reason) => {
+                self.scheduler
+                    .abort_all(reason, "the server is shutting down", &self.tokenizer);
             }
         }
     }

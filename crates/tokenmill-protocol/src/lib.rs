@@ -162,6 +162,8 @@ pub enum FinishReason {
     Cancelled,
     /// The engine failed while running the sequence.
     Error,
+    /// The server was shutting down and its drain deadline passed.
+    Shutdown,
 }
 
 impl FinishReason {
@@ -172,6 +174,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
             FinishReason::Error => "error",
+            FinishReason::Shutdown => "shutdown",
         }
     }
 }
@@ -209,7 +212,7 @@ pub struct UsageEvent {
     /// Token counts, over all `n` completions of the request.
     pub tokens: TokenCounts,
     /// Why the request ended: the most severe of its completions' reasons
-    /// (error, then cancelled, then length, then stop).
+    /// (error, then shutdown, then cancelled, then length, then stop).
     pub finish_reason: FinishReason,
     /// Device time attributed to this request, in seconds.
     pub device_seconds: f64,

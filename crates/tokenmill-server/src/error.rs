@@ -63,6 +63,10 @@ pub enum ApiError {
     /// Too many requests are queued; retry after the given seconds.
     #[error("The server is busy: too many requests are queued. Retry after {0} s.")]
     Overloaded(u64),
+    /// The server is draining before it stops; another replica should take
+    /// the request.
+    #[error("The server is shutting down and takes no new requests. Retry after {0} s.")]
+    Draining(u64),
     /// The engine cannot take requests now.
     #[error("The server is not able to take requests right now: {0}")]
     Unavailable(String),
@@ -155,6 +159,12 @@ impl ApiError {
                 None,
                 Some("queue_full"),
             ),
+            Draining(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("shutting_down"),
+            ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -183,7 +193,7 @@ impl ApiError {
             MissingApiKey | InvalidApiKey(_) => "unauthorized",
             ModelNotFound(_) | RouteNotFound { .. } => "not_found",
             Overloaded(_) => "overloaded",
-            Unavailable(_) => "unavailable",
+            Unavailable(_) | Draining(_) => "unavailable",
             Internal(_) => "error",
         }
     }
@@ -211,7 +221,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if let ApiError::Overloaded(seconds) = self {
+        if let ApiError::Overloaded(seconds) | ApiError::Draining(seconds) = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));

@@ -34,9 +34,23 @@ impl EventSink for ChannelSink {
     }
 }
 
-/// `GET /health`
+/// `GET /health`, `GET /health/live`: the process is up.
 pub async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+/// `GET /health/ready`: whether to send this server traffic; 503 while it
+/// drains, so a load balancer stops routing here before it stops.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.lifecycle.is_draining() {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "draining"})),
+        )
+            .into_response()
+    } else {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    }
 }
 
 fn model_object(state: &AppState) -> serde_json::Value {
@@ -136,6 +150,10 @@ async fn generate(
     }
 }
 
+/// `Retry-After` of requests refused while draining: long enough for the
+/// load balancer to notice readiness failing.
+const DRAIN_RETRY_AFTER_SECONDS: u64 = 5;
+
 /// A request the engine took.
 struct Accepted {
     header: ResponseHeader,
@@ -153,6 +171,9 @@ async fn accept(
     request: Request,
     arrived: Instant,
 ) -> Result<Accepted, ApiError> {
+    if state.lifecycle.is_draining() {
+        return Err(ApiError::Draining(DRAIN_RETRY_AFTER_SECONDS));
+    }
     let limit = state.limits.max_body_bytes;
     let body = axum::body::to_bytes(request.into_body(), limit)
         .await
@@ -262,6 +283,9 @@ fn failure(usage: &UsageEvent, error: Option<String>) -> Option<ApiError> {
         FinishReason::Stop | FinishReason::Length => None,
         FinishReason::Cancelled => Some(ApiError::Unavailable(
             "the request was cancelled".to_owned(),
+        )),
+        FinishReason::Shutdown => Some(ApiError::Unavailable(
+            "the server shut down before the request finished".to_owned(),
         )),
         FinishReason::Error => Some(ApiError::Internal(
             error.unwrap_or_else(|| "generation failed".to_owned()),

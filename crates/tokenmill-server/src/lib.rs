@@ -19,6 +19,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use telemetry::TenantLabels;
@@ -49,7 +50,27 @@ pub struct AppState {
     auth: Auth,
     metrics: Option<PrometheusHandle>,
     tenant_labels: TenantLabels,
+    lifecycle: Arc<Lifecycle>,
     started_at: u64,
+}
+
+/// Whether the server is taking requests or draining before it stops.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+}
+
+impl Lifecycle {
+    /// From now on new requests get 503 and readiness fails; requests
+    /// already accepted go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the server is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
 }
 
 impl AppState {
@@ -61,6 +82,7 @@ impl AppState {
             auth,
             metrics: None,
             tenant_labels: TenantLabels::default(),
+            lifecycle: Arc::default(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -69,6 +91,11 @@ impl AppState {
 }
 
 impl AppState {
+    /// The server's lifecycle, for the code that handles signals.
+    pub fn lifecycle(&self) -> Arc<Lifecycle> {
+        self.lifecycle.clone()
+    }
+
     /// Serves `/metrics` from `handle` (the installed Prometheus recorder),
     /// labelling token counters by tenant as `tenant_labels` says.
     pub fn with_metrics(mut self, handle: PrometheusHandle, tenant_labels: TenantLabels) -> Self {
@@ -92,6 +119,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/health", get(handlers::health))
+        .route("/health/live", get(handlers::health))
+        .route("/health/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
         .merge(api)
         .fallback(handlers::not_found)

@@ -42,7 +42,7 @@ pub fn finish_reason(reason: FinishReason) -> Option<&'static str> {
     match reason {
         FinishReason::Stop => Some("stop"),
         FinishReason::Length => Some("length"),
-        FinishReason::Cancelled | FinishReason::Error => None,
+        FinishReason::Cancelled | FinishReason::Error | FinishReason::Shutdown => None,
     }
 }
 

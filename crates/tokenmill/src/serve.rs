@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
 use tokenmill_models::{catalog, LoadedModel};
+use tokenmill_protocol::FinishReason;
 use tokenmill_protocol::MeterSink;
 use tokenmill_server::telemetry::TenantLabels;
 use tokenmill_server::tenants::{KeyRegistry, TenantsFile};
-use tokenmill_server::{AppState, Auth, Limits};
+use tokenmill_server::{AppState, Auth, Lifecycle, Limits};
 
 /// Flags of `tokenmill serve`.
 #[derive(Args, Debug)]
@@ -69,6 +70,11 @@ pub struct ServeArgs {
     /// usage lives in the usage records.
     #[arg(long, value_delimiter = ',')]
     metrics_tenant_label: Vec<String>,
+    /// Seconds that requests in flight get to finish after SIGTERM or
+    /// SIGINT; the rest are then cut, billed for the work done. A second
+    /// signal cuts them at once.
+    #[arg(long, default_value_t = 30.0)]
+    drain_timeout: f64,
 }
 
 /// Buckets of latency histograms, in seconds: 1 ms to 2 minutes.
@@ -188,6 +194,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !(args.capacity_interval > 0.0 && args.capacity_interval.is_finite()) {
         bail!("--capacity-interval must be a positive number of seconds");
     }
+    if !(args.drain_timeout >= 0.0 && args.drain_timeout.is_finite()) {
+        bail!("--drain-timeout must be a number of seconds, 0 or more");
+    }
     let auth = auth(&args)?;
     let meter = meter(&args)?;
     let (path, name) = resolve_model(&args)?;
@@ -224,8 +233,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         TenantLabels::allow(args.metrics_tenant_label.clone())
     };
-    let state = AppState::new(Arc::new(engine), Limits::default(), auth)
+    let engine = Arc::new(engine);
+    let state = AppState::new(engine.clone(), Limits::default(), auth)
         .with_metrics(metrics.clone(), tenant_labels);
+    let lifecycle = state.lifecycle();
+    let drain_timeout = Duration::from_secs_f64(args.drain_timeout);
+    let draining_engine = engine.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,10 +258,53 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 metrics.run_upkeep();
             }
         });
-        tokenmill_server::serve(listener, state, shutdown_signal()).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tokenmill_server::serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        shutdown_signal().await;
+        drain(&draining_engine, &lifecycle, drain_timeout).await;
+        // Every request has its end now; connections close once their last
+        // bytes are out.
+        let _ = stop.send(());
+        server.await.context("the server task failed")??;
         tracing::info!("server stopped");
         anyhow::Ok(())
-    })
+    })?;
+    // The last handle: the engine thread writes its final capacity record
+    // and exits.
+    drop(engine);
+    Ok(())
+}
+
+/// Stops admitting (503 and failing readiness), lets requests in flight
+/// finish until `timeout`, then cuts the rest (or at once on a second
+/// signal), and waits until every request has ended.
+async fn drain(engine: &Engine, lifecycle: &Lifecycle, timeout: Duration) {
+    lifecycle.start_draining();
+    tracing::info!(
+        in_flight = engine.in_flight(),
+        timeout_seconds = timeout.as_secs_f64(),
+        "draining: new requests get 503"
+    );
+    let idle = async {
+        while engine.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = idle => return,
+        _ = tokio::time::sleep(timeout) => {
+            tracing::warn!(in_flight = engine.in_flight(), "drain deadline passed: cutting the requests left");
+        }
+        _ = shutdown_signal() => {
+            tracing::warn!(in_flight = engine.in_flight(), "second signal: cutting the requests left");
+        }
+    }
+    engine.abort_all(FinishReason::Shutdown);
+    while engine.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

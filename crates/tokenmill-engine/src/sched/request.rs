@@ -121,7 +121,8 @@ fn severity(reason: FinishReason) -> u8 {
         FinishReason::Stop => 0,
         FinishReason::Length => 1,
         FinishReason::Cancelled => 2,
-        FinishReason::Error => 3,
+        FinishReason::Shutdown => 3,
+        FinishReason::Error => 4,
     }
 }
 
