@@ -1,10 +1,11 @@
 //! The tokenmill binary.
 
+mod config;
 mod serve;
 mod tenants;
 mod usage_log;
 
-use clap::{Parser, Subcommand};
+use clap::{Command as ClapCommand, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// tokenmill: an OpenAI-compatible inference server that meters every token.
 #[derive(Parser)]
@@ -22,8 +23,27 @@ enum Command {
     Tenants(tenants::TenantsArgs),
 }
 
+/// Parses the command line, with `serve`'s environment variables and config
+/// file applied (see [`config`]).
+fn parse() -> anyhow::Result<Cli> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = Cli::command().mut_subcommand("serve", config::with_env);
+    let matches = command.clone().get_matches_from(&argv);
+    if let Some(serve) = matches.subcommand_matches("serve") {
+        let serve_command = command
+            .find_subcommand("serve")
+            .cloned()
+            .unwrap_or_else(|| ClapCommand::new("serve"));
+        if let Some(argv) = config::with_file_values(&serve_command, serve, &argv, "serve")? {
+            let matches = command.get_matches_from(&argv);
+            return Ok(Cli::from_arg_matches(&matches)?);
+        }
+    }
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = parse()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -6,6 +6,7 @@ use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +18,19 @@ use tokenmill_server::telemetry::TenantLabels;
 use tokenmill_server::tenants::{KeyRegistry, TenantsFile};
 use tokenmill_server::{AppState, Auth, Lifecycle, Limits};
 
-/// Flags of `tokenmill serve`.
-#[derive(Args, Debug)]
+/// Flags of `tokenmill serve`. Each can also be set by the environment
+/// (`TOKENMILL_<FLAG>`) or in the `--config` file; see [`crate::config`].
+#[derive(Args, Debug, Serialize)]
 pub struct ServeArgs {
+    /// A TOML file of settings, keyed by flag name; flags and the
+    /// environment override it.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Print the merged configuration (TOML) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
     /// A known model name (smollm2), installed by its script in models/, or
     /// the path of a local .gguf file.
     #[arg(long, default_value = "smollm2")]
@@ -188,6 +199,11 @@ fn load(path: &std::path::Path) -> anyhow::Result<LoadedModel> {
 
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.print_config {
+        let text = toml::to_string_pretty(&args).context("printing the configuration")?;
+        println!("{}", text.trim_end());
+        return Ok(());
+    }
     if args.block_size == 0 || args.kv_cache_tokens < args.block_size {
         bail!("--kv-cache-tokens must hold at least one block of --block-size tokens");
     }
