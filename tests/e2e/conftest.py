@@ -132,6 +132,9 @@ def start_server(binary: Path, args: list[str]) -> Iterator[Server]:
     """Run `tokenmill serve --model smollm2 ARGS` on a free loopback port until the block ends."""
     port = _free_port()
     root = f"http://127.0.0.1:{port}"
+    if "--data-dir" not in args and "--no-ledger" not in args:
+        # Every server keeps its signed ledger (and makes its key) in a directory of its own.
+        args = [*args, "--data-dir", tempfile.mkdtemp(prefix="tokenmill-e2e-data-")]
     command = [str(binary), "serve", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port), *args]
     env = {**os.environ, "RUST_BACKTRACE": os.environ.get("RUST_BACKTRACE", "1")}
 

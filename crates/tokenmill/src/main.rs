@@ -1,6 +1,7 @@
 //! The tokenmill binary.
 
 mod config;
+mod ledger_cli;
 mod serve;
 mod tenants;
 mod usage_log;
@@ -21,6 +22,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Manage tenants and their API keys.
     Tenants(tenants::TenantsArgs),
+    /// The signed usage ledger: keys, verification, export, proofs.
+    Ledger(ledger_cli::LedgerArgs),
 }
 
 /// Parses the command line, with `serve`'s environment variables and config
@@ -54,5 +57,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Tenants(args) => tenants::run(args),
+        Command::Ledger(args) => ledger_cli::run(args),
     }
 }

@@ -1,6 +1,6 @@
 //! `tokenmill serve`: load a model, start the engine, serve the API.
 
-use crate::usage_log::{TracingMeter, UsageLog};
+use crate::usage_log::{Tee, TracingMeter, UsageLog};
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::Args;
@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
+use tokenmill_metering::{keys, Ledger, LedgerConfig};
 use tokenmill_models::{catalog, LoadedModel};
 use tokenmill_protocol::FinishReason;
 use tokenmill_protocol::MeterSink;
@@ -86,6 +87,31 @@ pub struct ServeArgs {
     /// signal cuts them at once.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
+    /// Where the server keeps its state: the ledger and its signing key
+    /// (default $XDG_DATA_HOME/tokenmill or ~/.local/share/tokenmill).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The usage ledger directory (default DATA_DIR/ledger).
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+    /// The ledger's private signing key (default DATA_DIR/ledger.key, made
+    /// on first start when absent).
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// Keep no ledger: usage is then not durably recorded. Not for
+    /// production.
+    #[arg(long)]
+    no_ledger: bool,
+    /// The ledger's name in its signed checkpoints.
+    #[arg(long, default_value = "tokenmill/ledger")]
+    ledger_origin: String,
+    /// Sign a checkpoint after this many records...
+    #[arg(long, default_value_t = 10_000)]
+    checkpoint_every: u64,
+    /// ...or this many milliseconds, whichever comes first (and at
+    /// shutdown).
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_interval_ms: u64,
 }
 
 /// Buckets of latency histograms, in seconds: 1 ms to 2 minutes.
@@ -136,13 +162,84 @@ fn auth(args: &ServeArgs) -> anyhow::Result<Auth> {
     Ok(Auth::Keys(Arc::new(registry)))
 }
 
-fn meter(args: &ServeArgs) -> anyhow::Result<Arc<dyn MeterSink>> {
-    Ok(match &args.usage_log {
-        Some(path) => {
-            Arc::new(UsageLog::open(path).with_context(|| format!("opening {}", path.display()))?)
+/// The meter every record goes to: the ledger (unless --no-ledger), then
+/// the usage log (if any), else the log output.
+fn meter(args: &ServeArgs, ledger: Option<Arc<Ledger>>) -> anyhow::Result<Arc<dyn MeterSink>> {
+    let mut sinks: Vec<Arc<dyn MeterSink>> = Vec::new();
+    if let Some(ledger) = ledger {
+        sinks.push(ledger);
+    }
+    match &args.usage_log {
+        Some(path) => sinks.push(Arc::new(
+            UsageLog::open(path).with_context(|| format!("opening {}", path.display()))?,
+        )),
+        None => sinks.push(Arc::new(TracingMeter)),
+    }
+    Ok(Arc::new(Tee(sinks)))
+}
+
+/// The default data directory.
+fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("tokenmill")
+}
+
+/// Opens the ledger, making the signing key on first start.
+fn open_ledger(args: &ServeArgs) -> anyhow::Result<Option<Arc<Ledger>>> {
+    if args.no_ledger {
+        tracing::warn!("--no-ledger: usage is not durably recorded");
+        return Ok(None);
+    }
+    let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let dir = args.ledger.clone().unwrap_or_else(|| data.join("ledger"));
+    let key_path = match &args.signing_key {
+        Some(path) => path.clone(),
+        None => {
+            let path = data.join(keys::PRIVATE_KEY_FILE);
+            if !path.exists() {
+                let files = keys::generate_key_files(&data, "tokenmill")
+                    .with_context(|| format!("making a signing key in {}", data.display()))?;
+                tracing::warn!(
+                    private = %files.private.display(),
+                    public = %files.public.display(),
+                    "made a new ledger signing key"
+                );
+                eprintln!(
+                    "ledger public key (give it to whoever verifies the ledger):\n{}",
+                    files.verifier
+                );
+            }
+            path
         }
-        None => Arc::new(TracingMeter),
-    })
+    };
+    let signer = keys::load_signer(&key_path)
+        .with_context(|| format!("loading the signing key {}", key_path.display()))?;
+    let mut config = LedgerConfig::new(&dir, args.ledger_origin.clone());
+    config.checkpoint_every_records = args.checkpoint_every.max(1);
+    config.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms.max(1));
+    let (ledger, report) = Ledger::open(config, signer)
+        .with_context(|| format!("opening the ledger {}", dir.display()))?;
+    for torn in &report.set_aside {
+        tracing::warn!(
+            file = %torn.file.display(),
+            offset = torn.offset,
+            bytes = torn.bytes,
+            moved_to = %torn.moved_to.display(),
+            reason = %torn.reason,
+            "a torn tail of the ledger was set aside"
+        );
+    }
+    tracing::info!(
+        dir = %dir.display(),
+        records = report.records,
+        root = %report.root,
+        "ledger open"
+    );
+    Ok(Some(Arc::new(ledger)))
 }
 
 /// Where the model file is and what to call it.
@@ -214,7 +311,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--drain-timeout must be a number of seconds, 0 or more");
     }
     let auth = auth(&args)?;
-    let meter = meter(&args)?;
+    let ledger = open_ledger(&args)?;
+    let meter = meter(&args, ledger.clone())?;
     let (path, name) = resolve_model(&args)?;
     let started = std::time::Instant::now();
     let model = load(&path)?;
@@ -290,6 +388,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The last handle: the engine thread writes its final capacity record
     // and exits.
     drop(engine);
+    if let Some(ledger) = ledger {
+        let closed = ledger.close().context("closing the ledger")?;
+        tracing::info!(records = closed.records, root = %closed.root, "ledger closed with a final checkpoint");
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokenmill_protocol::{CapacityRecord, MeterSink, OnRecorded, UsageEvent};
 
 /// Appends records to a JSON-lines file.
@@ -59,6 +59,43 @@ impl MeterSink for UsageLog {
         // A lost capacity record is logged; it bills no client.
         let _ = self.append(Line::Capacity(capacity));
     }
+}
+
+/// Hands every record to each sink in turn; a usage record's callback runs
+/// once every sink has recorded it, with the first failure if any.
+pub struct Tee(pub Vec<Arc<dyn MeterSink>>);
+
+impl MeterSink for Tee {
+    fn record_usage(&self, usage: &UsageEvent, then: OnRecorded) {
+        chain(self.0.clone(), usage.clone(), then);
+    }
+
+    fn record_capacity(&self, capacity: &CapacityRecord) {
+        for sink in &self.0 {
+            sink.record_capacity(capacity);
+        }
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.0.iter().all(|s| s.is_healthy())
+    }
+}
+
+/// Records `usage` in the first sink, and the rest from its callback, so
+/// each sink has it durable before the next is asked (and the client last).
+fn chain(mut sinks: Vec<Arc<dyn MeterSink>>, usage: UsageEvent, then: OnRecorded) {
+    if sinks.is_empty() {
+        return then(Ok(()));
+    }
+    let first = sinks.remove(0);
+    let record = usage.clone();
+    first.record_usage(
+        &record,
+        Box::new(move |result| match result {
+            Ok(()) => chain(sinks, usage, then),
+            Err(e) => then(Err(e)),
+        }),
+    );
 }
 
 /// Writes capacity records to the log output only, when no usage log is

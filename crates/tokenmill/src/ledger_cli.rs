@@ -1,0 +1,240 @@
+//! `tokenmill ledger`: keys, offline verification, export and proofs of the
+//! signed usage ledger (see docs/ledger-format.md).
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tokenmill_metering::keys::{self, VerifierKey};
+use tokenmill_metering::proof::{self, ConsistencyProof, InclusionProof};
+
+/// Flags of `tokenmill ledger`.
+#[derive(Args, Debug)]
+pub struct LedgerArgs {
+    #[command(subcommand)]
+    command: LedgerCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCommand {
+    /// Make a signing key: DIR/ledger.key (private, mode 0600) and
+    /// DIR/ledger.pub (the public key in signed-note verifier format).
+    Keygen {
+        /// Where to write the two files.
+        #[arg(long)]
+        out: PathBuf,
+        /// The key's name in signatures.
+        #[arg(long, default_value = "tokenmill")]
+        name: String,
+    },
+    /// Check every record's chain link and every checkpoint's signature and
+    /// root; on a problem, exit non-zero naming the first bad record.
+    Verify {
+        /// The ledger directory.
+        dir: PathBuf,
+        /// Public key files; any of them may have signed (key rotation).
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PathBuf>,
+    },
+    /// Write every record for other tools.
+    Export {
+        /// The ledger directory.
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write a proof that a record is in a signed checkpoint, or that an
+    /// older checkpoint is a prefix of a newer one; the checkpoint notes
+    /// it refers to are written next to it (`OUT.checkpoint`,
+    /// `OUT.old-checkpoint`).
+    Prove {
+        /// The ledger directory.
+        dir: PathBuf,
+        /// Prove that this record (by sequence number) is included.
+        #[arg(long, conflicts_with = "consistency")]
+        record: Option<u64>,
+        /// Prove that the checkpoint of size OLD is a prefix of the one of
+        /// size NEW.
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
+        consistency: Option<Vec<u64>>,
+        /// For --record: the checkpoint (tree size) to prove against;
+        /// default the latest.
+        #[arg(long)]
+        tree_size: Option<u64>,
+        /// Public key files, to pick verified checkpoints.
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PathBuf>,
+        /// The proof file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check a proof with checkpoints and public keys alone (no ledger).
+    CheckProof {
+        /// The proof file.
+        proof: PathBuf,
+        /// The signed checkpoint the proof ends at.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// For a consistency proof: the older signed checkpoint.
+        #[arg(long)]
+        old_checkpoint: Option<PathBuf>,
+        /// Public key files.
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per record.
+    Jsonl,
+}
+
+/// Runs a `ledger` command.
+pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
+    match args.command {
+        LedgerCommand::Keygen { out, name } => {
+            let files = keys::generate_key_files(&out, &name)?;
+            eprintln!(
+                "wrote {} (private, mode 0600) and {}",
+                files.private.display(),
+                files.public.display()
+            );
+            println!("{}", files.verifier);
+        }
+        LedgerCommand::Verify { dir, public_keys } => {
+            let keys = load_keys(&public_keys)?;
+            match tokenmill_metering::verify(&dir, &keys) {
+                Ok(report) => {
+                    println!(
+                        "ok: {} records in {} segments, {} checkpoints; root {}; {} records after the last checkpoint",
+                        report.records,
+                        report.segments,
+                        report.checkpoints,
+                        report.root,
+                        report.unsigned_records
+                    );
+                    for file in &report.set_aside_files {
+                        println!("note: torn tail set aside in {}", file.display());
+                    }
+                }
+                Err(problem) => bail!("ledger verification failed: {problem}"),
+            }
+        }
+        LedgerCommand::Export { dir, format, out } => {
+            let ExportFormat::Jsonl = format;
+            let report = match out {
+                Some(path) => {
+                    let mut file = std::io::BufWriter::new(
+                        std::fs::File::create(&path)
+                            .with_context(|| format!("creating {}", path.display()))?,
+                    );
+                    let report = tokenmill_metering::export_jsonl(&dir, &mut file)?;
+                    file.flush()?;
+                    report
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut lock = stdout.lock();
+                    tokenmill_metering::export_jsonl(&dir, &mut lock)?
+                }
+            };
+            eprintln!("exported {report:?}");
+        }
+        LedgerCommand::Prove {
+            dir,
+            record,
+            consistency,
+            tree_size,
+            public_keys,
+            out,
+        } => {
+            let keys = load_keys(&public_keys)?;
+            let checkpoints = tokenmill_metering::verified_checkpoints(&dir, &keys)?;
+            let note_of = |size: u64| {
+                checkpoints
+                    .iter()
+                    .find(|(_, c)| c.checkpoint.size == size)
+                    .map(|(_, c)| c.note.clone())
+                    .with_context(|| format!("no signed checkpoint of size {size}"))
+            };
+            match (record, consistency.as_deref()) {
+                (Some(seq), None) => {
+                    let size = match tree_size {
+                        Some(size) => size,
+                        None => checkpoints
+                            .last()
+                            .map(|(_, c)| c.checkpoint.size)
+                            .context("the ledger has no signed checkpoint yet")?,
+                    };
+                    let proof = proof::prove_inclusion(&dir, seq, size)?;
+                    write(&out, &proof.to_text())?;
+                    write(&with_suffix(&out, "checkpoint"), &note_of(size)?)?;
+                }
+                (None, Some(&[old, new])) => {
+                    let proof = proof::prove_consistency(&dir, old, new)?;
+                    write(&out, &proof.to_text())?;
+                    write(&with_suffix(&out, "old-checkpoint"), &note_of(old)?)?;
+                    write(&with_suffix(&out, "checkpoint"), &note_of(new)?)?;
+                }
+                _ => bail!("give --record SEQ or --consistency OLD NEW"),
+            }
+            eprintln!("wrote {}", out.display());
+        }
+        LedgerCommand::CheckProof {
+            proof,
+            checkpoint,
+            old_checkpoint,
+            public_keys,
+        } => {
+            let keys = load_keys(&public_keys)?;
+            let text = read(&proof)?;
+            let note = read(&checkpoint)?;
+            match old_checkpoint {
+                None => {
+                    let (record, cp) = InclusionProof::parse(&text)?.check(&note, &keys)?;
+                    println!(
+                        "ok: record {} is in the checkpoint of {} records of {}",
+                        record.seq, cp.size, cp.origin
+                    );
+                }
+                Some(old) => {
+                    let old_note = read(&old)?;
+                    let (old, new) =
+                        ConsistencyProof::parse(&text)?.check(&old_note, &note, &keys)?;
+                    println!(
+                        "ok: the checkpoint of {} records is a prefix of the one of {} records",
+                        old.size, new.size
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<VerifierKey>> {
+    paths
+        .iter()
+        .map(|p| keys::load_verifier(p).with_context(|| format!("reading {}", p.display())))
+        .collect()
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    name.push(suffix);
+    PathBuf::from(name)
+}
