@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model over the OpenAI API.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Manage tenants and their API keys.
     Tenants(tenants::TenantsArgs),
     /// The signed usage ledger: keys, verification, export, proofs.
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Tenants(args) => tenants::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
     }
