@@ -24,6 +24,7 @@ import json
 import re
 import statistics
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -121,15 +122,15 @@ def markdown(info: dict[str, Any], levels: list[dict[str, Any]]) -> str:
         f"{info['requests_per_stream']} requests per stream",
         f"- command: `{info['command']}`",
         "",
-        "| streams | requests | output tokens | wall s | aggregate tok/s | x one stream | median TTFT ms "
+        "| streams | ledger | requests | output tokens | wall s | aggregate tok/s | x one stream | median TTFT ms "
         "| median per-stream tok/s | steps | forward ms/step | overhead ms/step | overhead % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in levels:
         fwd, over = lv["forward_ms_per_step"], lv["overhead_ms_per_step"]
         share = f"{100 * over / (fwd + over):.2f}" if fwd and over is not None else "-"
         lines.append(
-            f"| {lv['streams']} | {lv['requests']} | {lv['completion_tokens']} | {lv['wall_s']:.1f} "
+            f"| {lv['streams']} | {lv['ledger']} | {lv['requests']} | {lv['completion_tokens']} | {lv['wall_s']:.1f} "
             f"| {lv['aggregate_tps']:.1f} | {lv['aggregate_tps'] / base:.2f} | {lv['median_ttft_ms']:.0f} "
             f"| {lv['median_stream_decode_tps']:.1f} | {lv['engine_steps']} | {fwd:.2f} | {over:.3f} | {share} |"
         )
@@ -145,9 +146,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2, help="requests per stream, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=18451)
+    parser.add_argument("--ledger", default="on", help="on, off, or on,off to run every level both ways")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    args.tokenmill_args = ["--max-num-seqs", "64"]
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
@@ -155,7 +156,16 @@ def main() -> int:
     info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
             "commit": commit + ("+dirty" if dirty else ""), "threads": args.threads, "max_tokens": args.max_tokens,
             "requests_per_stream": args.requests, "command": " ".join(sys.argv)}
-    levels = [run_level(args, int(s), args.port) for s in args.streams.split(",")]
+    levels = []
+    modes = args.ledger.split(",")
+    for s in args.streams.split(","):
+        for mode in modes:
+            # "on": the signed ledger in a fresh data directory, as served by default.
+            ledger_args = ["--no-ledger"] if mode == "off" else ["--data-dir", tempfile.mkdtemp(prefix="bench-data-")]
+            args.tokenmill_args = ["--max-num-seqs", "64", *ledger_args]
+            level = run_level(args, int(s), args.port)
+            level["ledger"] = mode
+            levels.append(level)
     print(markdown(info, levels))
     if args.json:
         args.json.write_text(json.dumps({"info": info, "levels": levels}, indent=2))
