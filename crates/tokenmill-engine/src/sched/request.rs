@@ -130,8 +130,14 @@ impl Drop for SharedRequest {
     fn drop(&mut self) {
         let tally = std::mem::take(self.tally.get_mut());
         let usage = self.usage(&tally);
+        let latency = usage
+            .finished_at
+            .duration_since(usage.arrived_at)
+            .unwrap_or_default();
         tracing::info!(
             request_id = %usage.request_id,
+            model = %usage.model,
+            latency_ms = latency.as_secs_f64() * 1e3,
             tenant = %usage.tenant,
             key_id = %usage.key_id,
             prompt_tokens = usage.tokens.prompt_tokens,
