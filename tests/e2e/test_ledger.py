@@ -150,3 +150,23 @@ def test_proofs_check_with_public_keys_alone_and_tampering_is_named(tmp_path: Pa
         assert segment.name in result.stderr and "byte" in result.stderr, result.stderr
     segment.write_bytes(original)
     assert _tokenmill("ledger", "verify", str(ledger), "--public-key", str(public)).returncode == 0
+
+
+def test_the_ledger_published_to_nats_rebuilds_a_ledger_that_verifies(tmp_path: Path) -> None:
+    """serve --nats-url publishes every record and checkpoint; `ledger pull` rebuilds the same ledger."""
+    data = tmp_path / "data"
+    stream = f"e2e-{os.getpid()}-{random.randrange(1 << 30)}"
+    args = ["--no-auth", "--data-dir", str(data), "--nats-url", "nats://127.0.0.1:4222", "--nats-stream", stream]
+    with start_server(server_binary(), args) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+        for _ in range(4):
+            client.completions.create(model=MODEL, prompt=STORY_PROMPT, max_tokens=2, temperature=0)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    rebuilt = tmp_path / "rebuilt"
+    pulled = _tokenmill("ledger", "pull", "--nats", "nats://127.0.0.1:4222", "--stream", stream,
+                        "--out", str(rebuilt), "--public-key", str(data / "ledger.pub"))
+    assert pulled.stdout.startswith("ok:"), pulled.stdout
+    assert _exported(rebuilt) == _exported(data / "ledger")
+    verified = _tokenmill("ledger", "verify", str(rebuilt), "--public-key", str(data / "ledger.pub"))
+    assert verified.stdout.startswith("ok:")

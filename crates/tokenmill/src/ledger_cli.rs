@@ -72,6 +72,22 @@ enum LedgerCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Rebuild a ledger from a NATS JetStream stream the server published
+    /// to; it must verify like the original.
+    Pull {
+        /// The NATS URL.
+        #[arg(long)]
+        nats: String,
+        /// The stream name.
+        #[arg(long)]
+        stream: String,
+        /// The (new, empty) directory to rebuild the ledger in.
+        #[arg(long)]
+        out: PathBuf,
+        /// Public key files that signed the checkpoints.
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PathBuf>,
+    },
     /// Check a proof with checkpoints and public keys alone (no ledger).
     CheckProof {
         /// The proof file.
@@ -184,6 +200,23 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
                 _ => bail!("give --record SEQ or --consistency OLD NEW"),
             }
             eprintln!("wrote {}", out.display());
+        }
+        LedgerCommand::Pull {
+            nats,
+            stream,
+            out,
+            public_keys,
+        } => {
+            let keys = load_keys(&public_keys)?;
+            let report = tokenmill_nats::pull_blocking(&nats, &stream, &out, &keys)
+                .with_context(|| format!("pulling stream {stream} from {nats}"))?;
+            println!(
+                "ok: {} records and {} checkpoints rebuilt in {}; root {}",
+                report.records,
+                report.checkpoints,
+                out.display(),
+                report.verify.root
+            );
         }
         LedgerCommand::CheckProof {
             proof,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
 use tokenmill_metering::{keys, Ledger, LedgerConfig};
 use tokenmill_models::{catalog, LoadedModel};
+use tokenmill_nats::{ExportConfig, ExporterHandle};
 use tokenmill_protocol::FinishReason;
 use tokenmill_protocol::MeterSink;
 use tokenmill_server::telemetry::TenantLabels;
@@ -112,6 +113,14 @@ pub struct ServeArgs {
     /// shutdown).
     #[arg(long, default_value_t = 1000)]
     checkpoint_interval_ms: u64,
+    /// Publish every ledger record and checkpoint to NATS JetStream at this
+    /// URL (e.g. nats://127.0.0.1:4222); records wait in the ledger while
+    /// NATS is down.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// The JetStream stream to publish to (made if missing).
+    #[arg(long, default_value = "tokenmill-ledger")]
+    nats_stream: String,
 }
 
 /// Buckets of latency histograms, in seconds: 1 ms to 2 minutes.
@@ -188,8 +197,32 @@ fn default_data_dir() -> PathBuf {
     base.join("tokenmill")
 }
 
+/// Starts publishing the ledger to NATS, if asked to.
+fn start_export(
+    args: &ServeArgs,
+    ledger: Option<&OpenLedger>,
+) -> anyhow::Result<Option<ExporterHandle>> {
+    let Some(url) = &args.nats_url else {
+        return Ok(None);
+    };
+    let Some(open) = ledger else {
+        bail!("--nats-url publishes the ledger: it cannot go with --no-ledger");
+    };
+    let config = ExportConfig::new(url.clone(), args.nats_stream.clone(), &open.dir)
+        .with_ledger(open.ledger.health());
+    let exporter = tokenmill_nats::spawn(config).context("starting the NATS export")?;
+    tracing::info!(url = %url, stream = %args.nats_stream, "publishing the ledger to NATS JetStream");
+    Ok(Some(exporter))
+}
+
+/// The open ledger and where it lives.
+struct OpenLedger {
+    ledger: Arc<Ledger>,
+    dir: PathBuf,
+}
+
 /// Opens the ledger, making the signing key on first start.
-fn open_ledger(args: &ServeArgs) -> anyhow::Result<Option<Arc<Ledger>>> {
+fn open_ledger(args: &ServeArgs) -> anyhow::Result<Option<OpenLedger>> {
     if args.no_ledger {
         tracing::warn!("--no-ledger: usage is not durably recorded");
         return Ok(None);
@@ -239,7 +272,10 @@ fn open_ledger(args: &ServeArgs) -> anyhow::Result<Option<Arc<Ledger>>> {
         root = %report.root,
         "ledger open"
     );
-    Ok(Some(Arc::new(ledger)))
+    Ok(Some(OpenLedger {
+        ledger: Arc::new(ledger),
+        dir,
+    }))
 }
 
 /// Where the model file is and what to call it.
@@ -311,7 +347,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--drain-timeout must be a number of seconds, 0 or more");
     }
     let auth = auth(&args)?;
-    let ledger = open_ledger(&args)?;
+    let open_ledger = open_ledger(&args)?;
+    let exporter = start_export(&args, open_ledger.as_ref())?;
+    let ledger = open_ledger.map(|open| open.ledger);
     let meter = meter(&args, ledger.clone())?;
     let (path, name) = resolve_model(&args)?;
     let started = std::time::Instant::now();
@@ -391,6 +429,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(ledger) = ledger {
         let closed = ledger.close().context("closing the ledger")?;
         tracing::info!(records = closed.records, root = %closed.root, "ledger closed with a final checkpoint");
+    }
+    if let Some(exporter) = exporter {
+        // After the close, so the final checkpoint goes out too.
+        let summary = exporter.shutdown(Duration::from_secs(10));
+        tracing::info!(
+            caught_up = summary.caught_up,
+            published = summary.stats.published_records,
+            backlog = summary.stats.backlog,
+            "NATS export stopped"
+        );
     }
     Ok(())
 }
