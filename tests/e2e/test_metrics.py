@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from pathlib import Path
 
 import openai
 
@@ -85,3 +87,14 @@ def test_refusals_are_counted_by_outcome(tokenmill_server) -> None:
         assert _sum(after, name, outcome=outcome) - _sum(before, name, outcome=outcome) == 1, outcome
     assert _sum(after, "tokenmill_kv_blocks_free") + _sum(after, "tokenmill_kv_blocks_used") == 32768 / 16
     assert "tenant=" not in " ".join(after), "no tenant label unless the operator asks for one"
+
+
+def test_every_metric_the_dashboard_charts_is_exported(tokenmill_server) -> None:
+    """deploy/grafana-dashboard.json only charts metrics that /metrics really has (after some traffic)."""
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = {m for e in exprs for m in re.findall(r"\b(tokenmill_[a-z_]+)", e)}
+    scraped = {key.split("{")[0] for key in _scrape(tokenmill_server.root)}
+    wanted = {n if n in scraped else n.removesuffix("_bucket") + "_bucket" for n in names}
+    missing = sorted(n for n in wanted if n not in scraped)
+    assert not missing, missing
