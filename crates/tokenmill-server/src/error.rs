@@ -67,6 +67,12 @@ pub enum ApiError {
     /// the request.
     #[error("The server is shutting down and takes no new requests. Retry after {0} s.")]
     Draining(u64),
+    /// Too many requests are in progress at once.
+    #[error("The server has too many requests in progress. Retry after {0} s.")]
+    TooManyInProgress(u64),
+    /// The request took longer than the server allows.
+    #[error("The request did not finish within {0} s and was stopped.")]
+    Timeout(u64),
     /// The engine cannot take requests now.
     #[error("The server is not able to take requests right now: {0}")]
     Unavailable(String),
@@ -165,6 +171,18 @@ impl ApiError {
                 None,
                 Some("shutting_down"),
             ),
+            TooManyInProgress(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("too_many_requests_in_progress"),
+            ),
+            Timeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                None,
+                Some("timeout"),
+            ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -193,7 +211,8 @@ impl ApiError {
             MissingApiKey | InvalidApiKey(_) => "unauthorized",
             ModelNotFound(_) | RouteNotFound { .. } => "not_found",
             Overloaded(_) => "overloaded",
-            Unavailable(_) | Draining(_) => "unavailable",
+            Unavailable(_) | Draining(_) | TooManyInProgress(_) => "unavailable",
+            Timeout(_) => "timeout",
             Internal(_) => "error",
         }
     }
@@ -221,7 +240,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if let ApiError::Overloaded(seconds) | ApiError::Draining(seconds) = self {
+        if let ApiError::Overloaded(seconds)
+        | ApiError::Draining(seconds)
+        | ApiError::TooManyInProgress(seconds) = self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));

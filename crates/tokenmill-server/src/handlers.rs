@@ -62,6 +62,28 @@ fn model_object(state: &AppState) -> serde_json::Value {
     })
 }
 
+/// Middleware: at most `max_concurrent_requests` API requests in progress;
+/// the place is held until the response body (a stream, perhaps) is sent.
+pub async fn limit_requests_in_progress(
+    State(state): State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let permit = state
+        .requests_in_progress
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyInProgress(1))?;
+    let response = next.run(request).await;
+    Ok(response.map(|body| {
+        let guarded = body.into_data_stream().map(move |chunk| {
+            let _held = &permit;
+            chunk
+        });
+        axum::body::Body::from_stream(guarded)
+    }))
+}
+
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
@@ -131,6 +153,7 @@ async fn generate(
     request: Request,
 ) -> Result<Response, ApiError> {
     let model = state.engine.model_info().name.clone();
+    let timeout = state.limits.request_timeout;
     let accepted = accept(state, caller, endpoint, request, Instant::now())
         .await
         .inspect_err(|e| telemetry::refused(endpoint, &model, e.outcome()))?;
@@ -141,11 +164,15 @@ async fn generate(
         events,
         timing,
     } = accepted;
+    let deadline = tokio::time::Instant::now() + timeout;
     if stream {
-        Ok(stream_response(header, events, shape, timing).into_response())
+        Ok(stream_response(header, events, shape, timing, deadline, timeout).into_response())
     } else {
-        collect_response(header, events, shape, timing)
+        // Past the deadline the receiver is dropped, which cancels the
+        // generation; it is billed for what it made.
+        tokio::time::timeout_at(deadline, collect_response(header, events, shape, timing))
             .await
+            .map_err(|_| ApiError::Timeout(timeout.as_secs()))?
             .map(IntoResponse::into_response)
     }
 }
@@ -199,6 +226,28 @@ async fn accept(
         logprobs: valid.logprobs.is_some(),
         include_usage: valid.include_usage,
     };
+    if let Some(limit) = state.limits.max_prompt_tokens {
+        if valid.prompt_tokens.len() > limit {
+            return Err(ApiError::invalid(
+                endpoint.prompt_param(),
+                format!(
+                    "the prompt has {} tokens; this server takes at most {limit}",
+                    valid.prompt_tokens.len()
+                ),
+            ));
+        }
+    }
+    if let Some(limit) = state.limits.max_output_tokens {
+        if valid.stop.max_tokens > limit {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "{} tokens were asked for; this server makes at most {limit} per request",
+                    valid.stop.max_tokens
+                ),
+            ));
+        }
+    }
     let stream = valid.stream;
     let timer = Timing {
         timer: RequestTimer::new(endpoint, &header.model, arrived, valid.n),
@@ -445,6 +494,8 @@ fn stream_response(
     events: UnboundedReceiver<GenerationEvent>,
     shape: Shape,
     timing: Timing,
+    deadline: tokio::time::Instant,
+    timeout: std::time::Duration,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let opening: Vec<Event> = match header.endpoint {
         Endpoint::Chat => (0..shape.n)
@@ -461,7 +512,15 @@ fn stream_response(
     };
     let body = stream::unfold(Some(state), move |state| async move {
         let mut state = state?;
-        let Some(event) = state.events.recv().await else {
+        let Ok(event) = tokio::time::timeout_at(deadline, state.events.recv()).await else {
+            // Dropping the state drops the receiver: the generation stops.
+            let err = ApiError::Timeout(timeout.as_secs());
+            return Some((
+                vec![sse_json(&err.body()), Event::default().data("[DONE]")],
+                None,
+            ));
+        };
+        let Some(event) = event else {
             let err = ApiError::Internal("the engine dropped the request".to_owned());
             return Some((
                 vec![sse_json(&err.body()), Event::default().data("[DONE]")],

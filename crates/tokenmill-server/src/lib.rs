@@ -27,17 +27,32 @@ use tokenmill_protocol::EngineClient;
 
 pub use error::ApiError;
 
-/// Limits that protect the server.
+/// Limits that protect the server; each breach is answered with its own
+/// OpenAI error and status.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Largest request body accepted.
+    /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Most prompt tokens per request (400 beyond); `None`: the context.
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `max_tokens` a request may ask for (400 beyond).
+    pub max_output_tokens: Option<usize>,
+    /// Longest a request may take, queueing included (504 beyond; the
+    /// generation is cancelled and billed for the work done).
+    pub request_timeout: std::time::Duration,
+    /// Most API requests in progress at once, streams included (503
+    /// beyond).
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 4 * 1024 * 1024,
+            max_prompt_tokens: None,
+            max_output_tokens: None,
+            request_timeout: std::time::Duration::from_secs(600),
+            max_concurrent_requests: 4096,
         }
     }
 }
@@ -51,6 +66,7 @@ pub struct AppState {
     metrics: Option<PrometheusHandle>,
     tenant_labels: TenantLabels,
     lifecycle: Arc<Lifecycle>,
+    requests_in_progress: Arc<tokio::sync::Semaphore>,
     started_at: u64,
 }
 
@@ -78,6 +94,9 @@ impl AppState {
     pub fn new(engine: Arc<dyn EngineClient>, limits: Limits, auth: Auth) -> Self {
         AppState {
             engine,
+            requests_in_progress: Arc::new(tokio::sync::Semaphore::new(
+                limits.max_concurrent_requests.max(1),
+            )),
             limits,
             auth,
             metrics: None,
@@ -116,6 +135,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            handlers::limit_requests_in_progress,
         ));
     Router::new()
         .route("/health", get(handlers::health))

@@ -56,6 +56,14 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The request field that holds the prompt.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            Endpoint::Completions => "prompt",
+            Endpoint::Chat => "messages",
+        }
+    }
+
     /// Prefix of response ids.
     pub fn id_prefix(self) -> &'static str {
         match self {

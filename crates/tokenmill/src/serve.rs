@@ -118,6 +118,23 @@ pub struct ServeArgs {
     /// NATS is down.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Most prompt tokens per request (default: the model's context).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Largest max_tokens a request may ask for (default: the context).
+    #[arg(long)]
+    max_output_tokens: Option<usize>,
+    /// Seconds a request may take, queueing included; then 504 and its
+    /// generation is stopped (billed for what it made).
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// Most API requests in progress at once, streams included; more get
+    /// 503 with Retry-After.
+    #[arg(long, default_value_t = 4096)]
+    max_concurrent_requests: usize,
+    /// Largest request body in bytes; more get 413.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
     /// The JetStream stream to publish to (made if missing).
     #[arg(long, default_value = "tokenmill-ledger")]
     nats_stream: String,
@@ -343,6 +360,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if !(args.capacity_interval > 0.0 && args.capacity_interval.is_finite()) {
         bail!("--capacity-interval must be a positive number of seconds");
     }
+    if !(args.request_timeout > 0.0 && args.request_timeout.is_finite()) {
+        bail!("--request-timeout must be a positive number of seconds");
+    }
     if !(args.drain_timeout >= 0.0 && args.drain_timeout.is_finite()) {
         bail!("--drain-timeout must be a number of seconds, 0 or more");
     }
@@ -386,8 +406,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         TenantLabels::allow(args.metrics_tenant_label.clone())
     };
     let engine = Arc::new(engine);
-    let state = AppState::new(engine.clone(), Limits::default(), auth)
-        .with_metrics(metrics.clone(), tenant_labels);
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_output_tokens: args.max_output_tokens,
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
+        max_concurrent_requests: args.max_concurrent_requests,
+    };
+    let state =
+        AppState::new(engine.clone(), limits, auth).with_metrics(metrics.clone(), tenant_labels);
     let lifecycle = state.lifecycle();
     let drain_timeout = Duration::from_secs_f64(args.drain_timeout);
     let draining_engine = engine.clone();
