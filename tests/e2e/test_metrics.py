@@ -72,6 +72,7 @@ def test_token_counters_equal_the_usage_clients_received(client: openai.OpenAI, 
     assert moved("tokenmill_time_to_first_token_seconds_count") == 3
     assert moved("tokenmill_request_duration_seconds_count") == 3
     assert moved("tokenmill_steps_total") > 0
+    assert moved("tokenmill_ledger_append_seconds_count") == 3, "each usage record is made durable once"
     assert moved("tokenmill_prefix_cache_queried_tokens_total") >= moved("tokenmill_prefix_cache_hit_tokens_total") > 0
 
 

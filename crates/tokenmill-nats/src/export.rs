@@ -216,7 +216,9 @@ enum Mode {
 pub struct ExporterHandle {
     shared: Arc<Shared>,
     mode: watch::Sender<Mode>,
-    done: mpsc::Receiver<ExportSummary>,
+    /// In a mutex only so that the handle is `Sync` (shared with the
+    /// metrics task); it is read once, at shutdown.
+    done: std::sync::Mutex<mpsc::Receiver<ExportSummary>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -246,7 +248,11 @@ impl ExporterHandle {
         self.mode.send_replace(Mode::Stop(deadline));
         self.shared.wake.notify_one();
         let thread = self.thread.take();
-        match self.done.recv_timeout(timeout + SAVE_GRACE) {
+        let done = match self.done.lock() {
+            Ok(done) => done,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match done.recv_timeout(timeout + SAVE_GRACE) {
             Ok(summary) => {
                 if let Some(t) = thread {
                     if t.join().is_err() {
@@ -323,7 +329,7 @@ pub fn spawn(config: ExportConfig) -> Result<ExporterHandle, ExportError> {
     Ok(ExporterHandle {
         shared,
         mode: mode_tx,
-        done: done_rx,
+        done: std::sync::Mutex::new(done_rx),
         thread: Some(thread),
     })
 }

@@ -2,6 +2,7 @@
 
 mod config;
 mod ledger_cli;
+mod ledger_metrics;
 mod serve;
 mod tenants;
 mod usage_log;

@@ -1,5 +1,6 @@
 //! `tokenmill serve`: load a model, start the engine, serve the API.
 
+use crate::ledger_metrics::TimedLedger;
 use crate::usage_log::{Tee, TracingMeter, UsageLog};
 use anyhow::{bail, Context};
 use candle_core::Device;
@@ -158,6 +159,7 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("installing the metrics recorder")?;
     tokenmill_engine::telemetry::describe();
     tokenmill_server::telemetry::describe();
+    crate::ledger_metrics::describe();
     Ok(handle)
 }
 
@@ -193,7 +195,7 @@ fn auth(args: &ServeArgs) -> anyhow::Result<Auth> {
 fn meter(args: &ServeArgs, ledger: Option<Arc<Ledger>>) -> anyhow::Result<Arc<dyn MeterSink>> {
     let mut sinks: Vec<Arc<dyn MeterSink>> = Vec::new();
     if let Some(ledger) = ledger {
-        sinks.push(ledger);
+        sinks.push(Arc::new(TimedLedger::new(ledger)));
     }
     match &args.usage_log {
         Some(path) => sinks.push(Arc::new(
@@ -368,7 +370,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let auth = auth(&args)?;
     let open_ledger = open_ledger(&args)?;
-    let exporter = start_export(&args, open_ledger.as_ref())?;
+    let exporter = start_export(&args, open_ledger.as_ref())?.map(Arc::new);
     let ledger = open_ledger.map(|open| open.ledger);
     let meter = meter(&args, ledger.clone())?;
     let (path, name) = resolve_model(&args)?;
@@ -418,6 +420,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let lifecycle = state.lifecycle();
     let drain_timeout = Duration::from_secs_f64(args.drain_timeout);
     let draining_engine = engine.clone();
+    let ledger_for_metrics = ledger.clone();
+    let exporter_for_metrics = exporter.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -428,6 +432,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {address}"))?;
         tracing::info!("listening on http://{address}");
+        tokio::spawn(crate::ledger_metrics::publish(
+            ledger_for_metrics,
+            exporter_for_metrics,
+            Duration::from_secs(1),
+        ));
         // Histograms are aggregated by the exporter's upkeep; run it often
         // enough that a scrape never waits on a backlog.
         tokio::spawn(async move {
@@ -457,7 +466,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let closed = ledger.close().context("closing the ledger")?;
         tracing::info!(records = closed.records, root = %closed.root, "ledger closed with a final checkpoint");
     }
-    if let Some(exporter) = exporter {
+    if let Some(exporter) = exporter.and_then(|e| Arc::into_inner(e)) {
         // After the close, so the final checkpoint goes out too.
         let summary = exporter.shutdown(Duration::from_secs(10));
         tracing::info!(
