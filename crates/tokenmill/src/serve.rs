@@ -466,7 +466,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let closed = ledger.close().context("closing the ledger")?;
         tracing::info!(records = closed.records, root = %closed.root, "ledger closed with a final checkpoint");
     }
-    if let Some(exporter) = exporter.and_then(|e| Arc::into_inner(e)) {
+    if let Some(exporter) = exporter.and_then(Arc::into_inner) {
         // After the close, so the final checkpoint goes out too.
         let summary = exporter.shutdown(Duration::from_secs(10));
         tracing::info!(
