@@ -459,6 +459,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("server stopped");
         anyhow::Ok(())
     })?;
+    // Ends the background tasks (metrics upkeep, ledger gauges) and the
+    // handles they hold.
+    drop(runtime);
     // The last handle: the engine thread writes its final capacity record
     // and exits.
     drop(engine);
