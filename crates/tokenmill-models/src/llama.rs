@@ -7,31 +7,140 @@
 //!
 //! One forward takes a flat batch of tokens from many sequences (prefill
 //! chunks and single decode tokens mixed): the projections and the MLP run
-//! over all tokens at once; attention runs per sequence over the keys and
-//! values gathered from its blocks. Whether a weight is quantized is a
-//! property of its [`QMatMul`], not of the architecture.
+//! over all tokens at once; attention reads each sequence's keys and values
+//! through its block table (on the CPU in place, for the whole batch in one
+//! pass: [`cpu_attention`]; elsewhere gathered per sequence). How a weight is
+//! stored and multiplied is a property of its [`Linear`] (our int8 kernel,
+//! [`crate::cpu_gemm`], on the CPU; candle's [`QMatMul`] elsewhere), not of
+//! the architecture.
+//!
+//! On the CPU every step of the forward computes a token's row from that
+//! token's own inputs in a fixed order, so a sequence's logits are bit for
+//! bit the same alone, batched with others, or prefilled in chunks.
 
 use crate::batch::{ForwardBatch, LogitRows, SequenceChunk};
 use crate::config::LlamaConfig;
+use crate::cpu_attention::{self, AttentionShape};
+use crate::cpu_gemm::Q8Matrix;
+use crate::cpu_ops;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use std::io::{Read, Seek};
 
-/// A linear layer with an optional bias (Qwen2 has q/k/v biases).
+/// The weight of a linear layer, or of several layers that read the same
+/// input stacked along the output (q, k and v; gate and up).
+enum Weight {
+    /// Our int8 kernel, on the CPU: stacked layers run as one product, so
+    /// their input is quantized once and the threads wake once.
+    Cpu(Q8Matrix),
+    /// candle's quantized matmul on any other device, one per layer.
+    Quantized(Vec<QMatMul>),
+}
+
+/// One linear layer, or several stacked ([`Weight`]), with optional biases
+/// (Qwen2 has q/k/v biases).
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
+    /// The output width of each stacked layer.
+    widths: Vec<usize>,
+    /// The stacked biases (zeros for a layer without one), if any layer has one.
     bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// Stacks `weights` (`[n_i, k]` each) and their biases along the output.
+    ///
+    /// On the CPU they become one [`Q8Matrix`]: Q4_1 weights exactly (as
+    /// llama.cpp multiplies them), any other type dequantized and requantized
+    /// to 8 bits per block of 32 (exact for Q8_0; within 1/254 of a block's
+    /// largest magnitude for the 4/5-bit grids).
+    fn new(weights: Vec<QTensor>, biases: Vec<Option<Tensor>>, device: &Device) -> Result<Self> {
+        let dims = weights
+            .iter()
+            .map(|w| w.shape().dims2())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let k = dims.first().map_or(0, |d| d.1);
+        if dims.iter().any(|d| d.1 != k) {
+            return Err(ModelError::Metadata(format!(
+                "stacked layers of different input widths: {dims:?}"
+            )));
+        }
+        let widths: Vec<usize> = dims.iter().map(|d| d.0).collect();
+        let bias = if biases.iter().any(Option::is_some) {
+            let parts = biases
+                .into_iter()
+                .zip(&widths)
+                .map(|(b, width)| match b {
+                    Some(b) => Ok(b),
+                    None => Tensor::zeros(*width, DType::F32, device),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
+        let weight = if device.is_cpu() {
+            let n = widths.iter().sum();
+            if weights.iter().all(|w| w.dtype() == GgmlDType::Q4_1) {
+                // Rows of stacked matrices follow one another: so do their blocks.
+                let mut data = Vec::new();
+                for w in &weights {
+                    data.extend_from_slice(&w.data()?);
+                }
+                Weight::Cpu(Q8Matrix::from_q4_1(&data, n, k)?)
+            } else {
+                let dense = weights
+                    .iter()
+                    .map(|w| w.dequantize(device))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let dense = Tensor::cat(&dense, 0)?.flatten_all()?.to_vec1::<f32>()?;
+                Weight::Cpu(Q8Matrix::quantize(&dense, n, k)?)
+            }
+        } else {
+            Weight::Quantized(
+                weights
+                    .into_iter()
+                    .map(QMatMul::from_qtensor)
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        };
+        Ok(Linear {
+            weight,
+            widths,
+            bias,
+        })
+    }
+
+    /// The outputs of the stacked layers side by side: `[.., sum of widths]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            Weight::Cpu(w) => x.contiguous()?.apply_op1_no_bwd(w)?,
+            Weight::Quantized(ws) => {
+                let parts = ws
+                    .iter()
+                    .map(|w| w.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, D::Minus1)?
+            }
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// The output of each stacked layer, in order.
+    fn forward_parts(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let y = self.forward(x)?;
+        let mut offset = 0;
+        let mut parts = Vec::with_capacity(self.widths.len());
+        for width in &self.widths {
+            parts.push(y.narrow(D::Minus1, offset, *width)?);
+            offset += width;
+        }
+        Ok(parts)
     }
 }
 
@@ -42,26 +151,51 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+        Ok(if x.device().is_cpu() {
+            let op = cpu_ops::RmsNorm { eps: self.eps };
+            x.contiguous()?.apply_op2_no_bwd(&self.weight, &op)?
+        } else {
+            candle_nn::ops::rms_norm(x, &self.weight, self.eps)?
+        })
     }
 }
 
+/// `a + b`, on the CPU without candle's thread pools (see [`cpu_ops`]).
+fn residual(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(if a.device().is_cpu() {
+        a.contiguous()?
+            .apply_op2_no_bwd(&b.contiguous()?, &cpu_ops::Add)?
+    } else {
+        (a + b)?
+    })
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v stacked.
+    qkv: Linear,
     o: Linear,
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up stacked.
+    gate_up: Linear,
     down: Linear,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?;
+        let gated = if x.device().is_cpu() {
+            self.gate_up
+                .forward(x)?
+                .apply_op1_no_bwd(&cpu_ops::SiluMul)?
+        } else {
+            let [gate, up]: [Tensor; 2] = self
+                .gate_up
+                .forward_parts(x)?
+                .try_into()
+                .map_err(|_| ModelError::Unsupported("MLP without gate and up".into()))?;
+            (candle_nn::ops::silu(&gate)? * up)?
+        };
         self.down.forward(&gated)
     }
 }
@@ -133,7 +267,7 @@ pub struct Llama {
     embeddings: Tensor,
     layers: Vec<DecoderLayer>,
     final_norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Linear,
     rotary: Rotary,
     device: Device,
 }
@@ -165,22 +299,15 @@ impl<R: Read + Seek> GgufTensors<'_, R> {
         }
     }
 
-    /// A weight for [`QMatMul`], re-quantized when candle's CPU backend has
-    /// no vectorised kernel for its type.
-    fn matmul_weight(&mut self, name: &str) -> Result<QMatMul> {
-        let weight = self.qtensor(name)?;
-        let weight = match cpu_matmul_dtype(weight.dtype(), self.device) {
-            Some(dtype) => QTensor::quantize(&weight.dequantize(self.device)?, dtype)?,
-            None => weight,
-        };
-        Ok(QMatMul::from_qtensor(weight)?)
-    }
-
-    fn linear(&mut self, prefix: &str) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.matmul_weight(&format!("{prefix}.weight"))?,
-            bias: self.optional_dense(&format!("{prefix}.bias"))?,
-        })
+    /// The linear layers `names`, stacked.
+    fn linear(&mut self, names: &[String]) -> Result<Linear> {
+        let mut weights = Vec::with_capacity(names.len());
+        let mut biases = Vec::with_capacity(names.len());
+        for name in names {
+            weights.push(self.qtensor(&format!("{name}.weight"))?);
+            biases.push(self.optional_dense(&format!("{name}.bias"))?);
+        }
+        Linear::new(weights, biases, self.device)
     }
 
     fn norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
@@ -209,30 +336,24 @@ impl Llama {
         let embeddings_q = t.qtensor("token_embd.weight")?;
         let embeddings = embeddings_q.dequantize(device)?;
         let lm_head = if cfg.tied_embeddings {
-            match cpu_matmul_dtype(embeddings_q.dtype(), device) {
-                Some(dtype) => QMatMul::from_qtensor(QTensor::quantize(&embeddings, dtype)?)?,
-                None => QMatMul::from_qtensor(embeddings_q)?,
-            }
+            Linear::new(vec![embeddings_q], vec![None], device)?
         } else {
-            t.matmul_weight("output.weight")?
+            t.linear(&["output".to_string()])?
         };
         let final_norm = t.norm("output_norm.weight", cfg.rms_norm_eps)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = format!("blk.{i}");
+            let name = |n: &str| format!("blk.{i}.{n}");
             layers.push(DecoderLayer {
-                attn_norm: t.norm(&format!("{p}.attn_norm.weight"), cfg.rms_norm_eps)?,
+                attn_norm: t.norm(&name("attn_norm.weight"), cfg.rms_norm_eps)?,
                 attn: Attention {
-                    q: t.linear(&format!("{p}.attn_q"))?,
-                    k: t.linear(&format!("{p}.attn_k"))?,
-                    v: t.linear(&format!("{p}.attn_v"))?,
-                    o: t.linear(&format!("{p}.attn_output"))?,
+                    qkv: t.linear(&[name("attn_q"), name("attn_k"), name("attn_v")])?,
+                    o: t.linear(&[name("attn_output")])?,
                 },
-                mlp_norm: t.norm(&format!("{p}.ffn_norm.weight"), cfg.rms_norm_eps)?,
+                mlp_norm: t.norm(&name("ffn_norm.weight"), cfg.rms_norm_eps)?,
                 mlp: Mlp {
-                    gate: t.linear(&format!("{p}.ffn_gate"))?,
-                    up: t.linear(&format!("{p}.ffn_up"))?,
-                    down: t.linear(&format!("{p}.ffn_down"))?,
+                    gate_up: t.linear(&[name("ffn_gate"), name("ffn_up")])?,
+                    down: t.linear(&[name("ffn_down")])?,
                 },
             });
             on_layer(i + 1, cfg.num_layers);
@@ -279,19 +400,34 @@ impl Llama {
             self.cfg.context_length,
         )?;
         let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let positions = Tensor::new(batch.positions().as_slice(), &self.device)?;
-        let rotary = self.rotary.at(&positions)?;
+        let positions = batch.positions();
+        // The CPU rotates in place by position; other devices gather tables.
+        let rotary = if self.device.is_cpu() {
+            None
+        } else {
+            Some(
+                self.rotary
+                    .at(&Tensor::new(positions.as_slice(), &self.device)?)?,
+            )
+        };
         let mut hidden = self.embeddings.index_select(&tokens, 0)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = layer.attn_norm.forward(&hidden)?;
-            let attn = self.attention(index, &layer.attn, &normed, &rotary, batch, cache)?;
-            hidden = (hidden + attn)?;
+            let attn = match &rotary {
+                Some(rotary) => {
+                    self.attention(index, &layer.attn, &normed, rotary, batch, cache)?
+                }
+                None => {
+                    self.cpu_attention(index, &layer.attn, &normed, &positions, batch, cache)?
+                }
+            };
+            hidden = residual(&hidden, &attn)?;
             let normed = layer.mlp_norm.forward(&hidden)?;
-            hidden = (&hidden + layer.mlp.forward(&normed)?)?;
+            hidden = residual(&hidden, &layer.mlp.forward(&normed)?)?;
         }
         let rows = self.logit_rows(&hidden, batch)?;
         let normed = self.final_norm.forward(&rows)?;
-        Ok(self.lm_head.forward(&normed)?)
+        self.lm_head.forward(&normed)
     }
 
     /// The hidden states whose logits were asked for.
@@ -312,6 +448,56 @@ impl Llama {
         Ok(hidden.index_select(&rows, 0)?)
     }
 
+    /// Self-attention of one layer over the whole batch on the CPU: `x` is
+    /// `[tokens, hidden]`; the result has the same shape. One pass for all
+    /// sequences: q, k and v in one product, rotated in place, the batch's
+    /// keys and values written with one copy per layer, and
+    /// [`cpu_attention::paged_attention`] reading the cache where it lies.
+    fn cpu_attention(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        x: &Tensor,
+        positions: &[u32],
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = x.dim(0)?;
+        let (q_width, kv_width) = (cfg.num_heads * cfg.head_dim, cfg.kv_width());
+        let qkv = attn.qkv.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let (mut q, mut k, mut v) = (
+            Vec::with_capacity(n * q_width),
+            Vec::with_capacity(n * kv_width),
+            Vec::with_capacity(n * kv_width),
+        );
+        for row in qkv.chunks_exact(q_width + 2 * kv_width) {
+            q.extend_from_slice(&row[..q_width]);
+            k.extend_from_slice(&row[q_width..q_width + kv_width]);
+            v.extend_from_slice(&row[q_width + kv_width..]);
+        }
+        let neox = self.rotary.neox;
+        with_cpu_f32(&self.rotary.cos, |cos| {
+            with_cpu_f32(&self.rotary.sin, |sin| {
+                for rows in [&mut q, &mut k] {
+                    cpu_attention::rotate(rows, cfg.head_dim, positions, cos, sin, neox);
+                }
+            })
+        })??;
+        cache.write_batch_cpu(layer, &batch.chunks, &k, &v)?;
+        let shape = AttentionShape {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            block_size: cache.block_size(),
+        };
+        let out = cache.read_cpu(layer, |keys, values| {
+            cpu_attention::paged_attention(shape, &batch.chunks, &q, keys, values)
+        })?;
+        attn.o
+            .forward(&Tensor::from_vec(out, (n, q_width), &self.device)?)
+    }
+
     /// Self-attention of one layer over the whole batch: `x` is
     /// `[tokens, hidden]`; the result has the same shape.
     fn attention(
@@ -325,9 +511,11 @@ impl Llama {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let n = x.dim(0)?;
-        let q = attn.q.forward(x)?;
-        let k = attn.k.forward(x)?;
-        let v = attn.v.forward(x)?;
+        let [q, k, v]: [Tensor; 3] = attn
+            .qkv
+            .forward_parts(x)?
+            .try_into()
+            .map_err(|_| ModelError::Unsupported("attention without q, k and v".into()))?;
         // Rotary embeddings on all tokens at once: [1, heads, tokens, head_dim].
         let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
             Ok(t.reshape((n, heads, cfg.head_dim))?
@@ -361,13 +549,11 @@ impl Llama {
         attn.o.forward(&out)
     }
 
-    /// Causal attention of one sequence's new queries. Decode tokens and
-    /// prefill chunks take this same path on purpose: a sequence recomputed
-    /// after preemption, or continued from cached blocks, then gets bit-for-bit
-    /// the keys, values and tokens it would have had (an in-place decode
-    /// kernel, `cpu_attention`, sums in another order and can flip a close
-    /// greedy choice). (`[heads, len,
+    /// Causal attention of one sequence's new queries (`[heads, len,
     /// head_dim]`) over its whole context; returns `[len, heads * head_dim]`.
+    /// Decode tokens and prefill chunks take this same path on purpose: a
+    /// sequence recomputed after preemption, or continued from cached blocks,
+    /// then gets the keys, values and tokens it would have had.
     fn sequence_attention(
         &self,
         layer: usize,
@@ -413,19 +599,6 @@ impl Llama {
     }
 }
 
-/// The type to re-quantize a weight of type `dtype` to before a CPU matmul.
-///
-/// candle's CPU backend computes Q4_1, Q5_0 and Q5_1 dot products with scalar
-/// code only (about 10x slower than its AVX2 Q8_0 kernel on x86). Q8_0 holds
-/// every value of those 4/5-bit grids to within 1/254 of the block's largest
-/// magnitude, so the products barely move while the speed is that of Q8_0.
-fn cpu_matmul_dtype(dtype: GgmlDType, device: &Device) -> Option<GgmlDType> {
-    match (device, dtype) {
-        (Device::Cpu, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) => Some(GgmlDType::Q8_0),
-        _ => None,
-    }
-}
-
 /// `[len, ctx]` additive mask: query `i` (at position `ctx - len + i`) sees
 /// keys `0..=ctx - len + i`.
 fn causal_mask(len: usize, ctx: usize, device: &Device) -> Result<Tensor> {
@@ -442,6 +615,19 @@ fn causal_mask(len: usize, ctx: usize, device: &Device) -> Result<Tensor> {
         })
         .collect();
     Ok(Tensor::from_vec(mask, (len, ctx), device)?)
+}
+
+/// Calls `f` with the elements of a contiguous `f32` tensor in CPU memory.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+        }
+        _ => Err(ModelError::Unsupported(
+            "a CPU kernel given a tensor outside CPU memory".into(),
+        )),
+    }
 }
 
 /// Index of the largest value of a logit row.

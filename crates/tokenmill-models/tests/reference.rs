@@ -292,3 +292,69 @@ fn one_batch_of_many_sequences_equals_each_alone() {
         assert_eq!(argmax(a), argmax(b));
     }
 }
+
+#[test]
+fn logits_are_bitwise_the_same_alone_batched_and_in_chunks() {
+    // The engine relies on this: a sequence's greedy tokens must not depend
+    // on what it is batched with, nor on how its prompt was chunked.
+    let prompts: Vec<Vec<u32>> = reference()["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|p| ids(&p["prompt_ids"]))
+        .collect();
+    let target = &prompts[0];
+    let alone = Session::new(target.len())
+        .feed(target, LogitRows::All)
+        .into_iter()
+        .map(|row| row.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        .collect::<Vec<_>>();
+
+    // In chunks of 5 tokens.
+    let mut session = Session::new(target.len());
+    let mut chunked = Vec::new();
+    for chunk in target.chunks(5) {
+        chunked.extend(session.feed(chunk, LogitRows::All));
+    }
+    for (i, (a, b)) in alone.iter().zip(&chunked).enumerate() {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| *x == y.to_bits()),
+            "token {i}: chunked prefill changed the logits"
+        );
+    }
+
+    // Beside another prompt's prefill and a third sequence's decode token.
+    let (other, decoding) = (&prompts[1], &prompts[2]);
+    let tables = [0u32, 10, 20].map(|start| (start..start + 10).collect::<Vec<u32>>());
+    let cache = model().model.new_kv_cache(BLOCK_SIZE, 30).unwrap();
+    let mut warm = ForwardBatch::default();
+    warm.push(
+        &decoding[..decoding.len() - 1],
+        decoding.len() - 1,
+        tables[2].clone(),
+        LogitRows::None,
+    );
+    model().model.forward(&warm, &cache).unwrap();
+    let mut batch = ForwardBatch::default();
+    batch.push(other, other.len(), tables[0].clone(), LogitRows::Last);
+    batch.push(target, target.len(), tables[1].clone(), LogitRows::All);
+    batch.push(
+        &decoding[decoding.len() - 1..],
+        decoding.len(),
+        tables[2].clone(),
+        LogitRows::Last,
+    );
+    let rows: Vec<Vec<f32>> = model()
+        .model
+        .forward(&batch, &cache)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (i, (a, b)) in alone.iter().zip(&rows[1..1 + target.len()]).enumerate() {
+        assert!(
+            a.iter().zip(b).all(|(x, y)| *x == y.to_bits()),
+            "token {i}: batching changed the logits"
+        );
+    }
+}
