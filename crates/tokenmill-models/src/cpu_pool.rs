@@ -38,13 +38,15 @@ pub fn run(units: usize, task: &(dyn Fn(usize) + Sync)) {
         (0..units).for_each(task);
         return;
     }
-    // SAFETY: the job outlives this call (it is shared with the helpers),
-    // but `task` is only called for a unit claimed from `next` while
-    // `next < units`, and this function does not return before `done`
-    // reaches `units`, that is before every unit has been claimed and has
-    // finished; later claims find `next >= units` and never call `task`.
-    // So no call of `task` outlives the borrow it was made from.
-    let task: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(task) };
+    let task: *const (dyn Fn(usize) + Sync + '_) = task;
+    // SAFETY: only the lifetime bound of the pointer changes (same layout).
+    // The job outlives this call (it is shared with the helpers), but `task`
+    // is only called for a unit claimed from `next` while `next < units`,
+    // and this function does not return before `done` reaches `units`, that
+    // is before every unit has been claimed and has finished; later claims
+    // find `next >= units` and never touch `task`. So no use of the pointer
+    // outlives the borrow it was made from.
+    let task: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(task) };
     let job = Arc::new(Job {
         units,
         next: AtomicUsize::new(0),
@@ -76,8 +78,14 @@ struct Job {
     done: AtomicUsize,
     panicked: AtomicBool,
     /// Valid while `next < units`; see [`run`].
-    task: &'static (dyn Fn(usize) + Sync),
+    task: *const (dyn Fn(usize) + Sync),
 }
+
+// SAFETY: the task is `Sync`, so calling it from any thread is sound, and
+// the counters are atomics; the pointer's validity is `run`'s business.
+unsafe impl Send for Job {}
+// SAFETY: as above.
+unsafe impl Sync for Job {}
 
 impl Job {
     /// Claims and runs units until none is left.
@@ -89,7 +97,10 @@ impl Job {
             }
             // A panic is counted as done, so the caller never waits forever,
             // and re-raised by the caller.
-            if panic::catch_unwind(AssertUnwindSafe(|| (self.task)(unit))).is_err() {
+            // SAFETY: `unit < units` was claimed, so `run` has not returned
+            // and the task behind the pointer is alive (see `run`).
+            let task = unsafe { &*self.task };
+            if panic::catch_unwind(AssertUnwindSafe(|| task(unit))).is_err() {
                 self.panicked.store(true, Ordering::Relaxed);
             }
             self.done.fetch_add(1, Ordering::Release);

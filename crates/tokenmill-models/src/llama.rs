@@ -10,7 +10,7 @@
 //! over all tokens at once; attention reads each sequence's keys and values
 //! through its block table (on the CPU in place, for the whole batch in one
 //! pass: [`cpu_attention`]; elsewhere gathered per sequence). How a weight is
-//! stored and multiplied is a property of its [`Linear`] (our int8 kernel,
+//! stored and multiplied is a property of its `Linear` (our int8 kernel,
 //! [`crate::cpu_gemm`], on the CPU; candle's [`QMatMul`] elsewhere), not of
 //! the architecture.
 //!
