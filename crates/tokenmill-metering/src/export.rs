@@ -6,9 +6,11 @@
 //! RFC 3339 in UTC with nanoseconds, the form every JSON tool parses. The
 //! export is a view, not a proof: what is signed is the binary record.
 
+use crate::checkpoint::Checkpoint;
 use crate::codec;
 use crate::error::VerifyError;
-use crate::reader::{LedgerReader, StoredRecord, TornTail};
+use crate::note;
+use crate::reader::{self, LedgerReader, StoredRecord, TailPolicy, TornTail};
 use crate::record::RecordBody;
 use serde::Serialize;
 use std::io::Write;
@@ -24,6 +26,14 @@ pub enum ExportError {
     /// Writing the output failed.
     #[error("writing the export: {0}")]
     Write(#[from] std::io::Error),
+    /// A checkpoint note does not parse.
+    #[error("checkpoint note at byte {offset} of the checkpoints file: {message}")]
+    Checkpoint {
+        /// Offset of its frame.
+        offset: u64,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// What an export wrote.
@@ -126,12 +136,69 @@ pub fn record_json(record: &StoredRecord) -> String {
 
 /// Writes every record of `dir` to `out` as JSON lines.
 pub fn export_jsonl(dir: &Path, out: &mut dyn Write) -> Result<ExportReport, ExportError> {
+    export(dir, out, false)
+}
+
+/// Writes every record of `dir` to `out` as JSON lines, and after the
+/// record that completes each signed checkpoint's tree, that checkpoint
+/// (`{"type":"checkpoint","size":N,"note":"..."}`, the signed note
+/// verbatim), so that [`crate::import_jsonl`] can rebuild a ledger that
+/// verifies with the original's keys. Notes are copied unchecked (an
+/// export needs no key); a note that does not parse is an error.
+pub fn export_jsonl_with_checkpoints(
+    dir: &Path,
+    out: &mut dyn Write,
+) -> Result<ExportReport, ExportError> {
+    export(dir, out, true)
+}
+
+#[derive(Serialize)]
+struct CheckpointLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    size: u64,
+    note: &'a str,
+}
+
+fn export(dir: &Path, out: &mut dyn Write, checkpoints: bool) -> Result<ExportReport, ExportError> {
+    let mut notes: Vec<(u64, String)> = Vec::new();
+    if checkpoints {
+        let (stored, _) = reader::read_notes(dir, TailPolicy::Tolerate)?;
+        for n in stored {
+            let size = note::parse(&n.note)
+                .map_err(|e| e.to_string())
+                .and_then(|p| Checkpoint::parse(&p.text).map_err(|e| e.to_string()))
+                .map_err(|e| ExportError::Checkpoint {
+                    offset: n.offset,
+                    message: e,
+                })?
+                .size;
+            notes.push((size, n.note));
+        }
+    }
+    let mut pending = notes.iter().peekable();
+    let mut emit_due = |out: &mut dyn Write, size: u64| -> std::io::Result<()> {
+        while let Some((s, note)) = pending.next_if(|(s, _)| *s <= size) {
+            let line = CheckpointLine {
+                kind: "checkpoint",
+                size: *s,
+                note,
+            };
+            // A string and an integer always serialize.
+            let text = serde_json::to_string(&line).unwrap_or_default();
+            out.write_all(text.as_bytes())?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    };
+    emit_due(out, 0)?;
     let mut reader = LedgerReader::open(dir, 0)?;
     let mut records = 0;
     while let Some(r) = reader.next_record()? {
         out.write_all(record_json(&r).as_bytes())?;
         out.write_all(b"\n")?;
         records += 1;
+        emit_due(out, records)?;
     }
     out.flush()?;
     Ok(ExportReport {
@@ -155,6 +222,54 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Parses what [`rfc3339`] writes (`YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`, nine
+/// fractional digits), and nothing else, so that an instant read back is the
+/// instant written.
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    if b.len() != 30 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || b[19] != b'.' || b[29] != b'Z' {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        let s = text.get(from..to)?;
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
+    };
+    let (y, m, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (h, mi, s) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    let nanos = u32::try_from(num(20, 29)?).ok()?;
+    if !(1..=12).contains(&m) || d < 1 || h > 23 || mi > 59 || s > 59 {
+        return None;
+    }
+    let days = days_from_civil(y, m as u32, d as u32);
+    // A day past the month's end (31 April) would not print back the same.
+    if civil_from_days(days) != (y, m as u32, d as u32) {
+        return None;
+    }
+    let secs = days * 86_400 + h * 3600 + mi * 60 + s;
+    codec::join_time(secs, nanos)
+}
+
+/// Days since 1970-01-01 of a date of the proleptic Gregorian calendar
+/// (the inverse of [`civil_from_days`], counting years from March so the
+/// leap day ends the year).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let (y, m) = if month <= 2 {
+        (year - 1, i64::from(month) + 9)
+    } else {
+        (year, i64::from(month) - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let doy = (153 * m + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Year, month, day of the proleptic Gregorian calendar for a count of days
@@ -203,7 +318,34 @@ mod tests {
         for day in 0..365_250 {
             let cur = civil_from_days(day);
             assert!(cur > prev, "day {day}: {cur:?} after {prev:?}");
+            assert_eq!(days_from_civil(cur.0, cur.1, cur.2), day);
             prev = cur;
+        }
+    }
+
+    #[test]
+    fn rfc3339_parses_what_it_prints() {
+        for (s, n) in [
+            (0, 0),
+            (951_782_400, 5),
+            (1_700_000_000, 123_456_789),
+            (4_102_444_799, 999_999_999),
+        ] {
+            let t = UNIX_EPOCH + Duration::new(s, n);
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        let before = UNIX_EPOCH - Duration::new(1, 1);
+        assert_eq!(parse_rfc3339(&rfc3339(before)), Some(before));
+        for bad in [
+            "2023-11-14T22:13:20.12345678Z",
+            "2023-11-14T22:13:20.123456789",
+            "2023-04-31T00:00:00.000000000Z",
+            "2023-13-01T00:00:00.000000000Z",
+            "2023-11-14T24:00:00.000000000Z",
+            "2023-11-14 22:13:20.123456789Z",
+            "+023-11-14T22:13:20.123456789Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }
 }

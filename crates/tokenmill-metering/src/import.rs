@@ -38,6 +38,15 @@ pub enum ImportError {
     /// A checkpoint note is malformed or of another origin.
     #[error("checkpoint: {0}")]
     BadCheckpoint(String),
+    /// A line of a JSON lines export is not a record or checkpoint that
+    /// the export could have written.
+    #[error("line {line}: {message}")]
+    BadLine {
+        /// Its line number, from 1.
+        line: u64,
+        /// What is wrong.
+        message: String,
+    },
     /// Writing failed.
     #[error(transparent)]
     Ledger(#[from] LedgerError),

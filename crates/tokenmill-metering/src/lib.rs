@@ -46,6 +46,7 @@ mod frame;
 mod fsutil;
 pub mod hash;
 pub mod import;
+mod jsonl_import;
 pub mod keys;
 pub mod merkle;
 pub mod note;
@@ -62,10 +63,13 @@ mod testing;
 pub use checkpoint::Checkpoint;
 pub use codec::{DecodeError, EncodeError};
 pub use error::{LedgerError, ProblemKind, VerifyError};
-pub use export::{export_jsonl, ExportError, ExportReport};
+pub use export::{
+    export_jsonl, export_jsonl_with_checkpoints, parse_rfc3339, ExportError, ExportReport,
+};
 pub use frame::{segment_name, CHECKPOINTS_FILE, SEGMENT_EXT};
 pub use hash::Hash;
 pub use import::{ImportError, Importer};
+pub use jsonl_import::import_jsonl;
 pub use keys::{Signer, VerifierKey};
 pub use reader::{LedgerReader, StoredNote, StoredRecord, TornTail};
 pub use record::{EncodedBody, Record, RecordBody, MAX_RECORD_BYTES};

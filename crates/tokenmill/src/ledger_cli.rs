@@ -1,5 +1,5 @@
-//! `tokenmill ledger`: keys, offline verification, export and proofs of the
-//! signed usage ledger (see docs/ledger-format.md).
+//! `tokenmill ledger`: keys, offline verification, export, import and
+//! proofs of the signed usage ledger (see docs/ledger-format.md).
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
@@ -46,6 +46,26 @@ enum LedgerCommand {
         /// Output file (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also write each signed checkpoint (as a `checkpoint` line after
+        /// the last record it covers), so that `ledger import` can rebuild
+        /// a ledger that verifies with the original keys.
+        #[arg(long)]
+        checkpoints: bool,
+    },
+    /// Rebuild a ledger from `ledger export --checkpoints` JSON lines; every
+    /// record must hash as its line says and the result must verify.
+    Import {
+        /// The JSON lines file.
+        file: PathBuf,
+        /// The (new, empty) directory to rebuild the ledger in.
+        #[arg(long)]
+        out: PathBuf,
+        /// The ledger's origin (the first line of its checkpoints).
+        #[arg(long)]
+        origin: Option<String>,
+        /// Public key files that signed the checkpoints.
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PathBuf>,
     },
     /// Write a proof that a record is in a signed checkpoint, or that an
     /// older checkpoint is a prefix of a newer one; the checkpoint notes
@@ -141,25 +161,62 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
                 Err(problem) => bail!("ledger verification failed: {problem}"),
             }
         }
-        LedgerCommand::Export { dir, format, out } => {
+        LedgerCommand::Export {
+            dir,
+            format,
+            out,
+            checkpoints,
+        } => {
             let ExportFormat::Jsonl = format;
+            let export = if checkpoints {
+                tokenmill_metering::export_jsonl_with_checkpoints
+            } else {
+                tokenmill_metering::export_jsonl
+            };
             let report = match out {
                 Some(path) => {
                     let mut file = std::io::BufWriter::new(
                         std::fs::File::create(&path)
                             .with_context(|| format!("creating {}", path.display()))?,
                     );
-                    let report = tokenmill_metering::export_jsonl(&dir, &mut file)?;
+                    let report = export(&dir, &mut file)?;
                     file.flush()?;
                     report
                 }
                 None => {
                     let stdout = std::io::stdout();
                     let mut lock = stdout.lock();
-                    tokenmill_metering::export_jsonl(&dir, &mut lock)?
+                    export(&dir, &mut lock)?
                 }
             };
             eprintln!("exported {report:?}");
+        }
+        LedgerCommand::Import {
+            file,
+            out,
+            origin,
+            public_keys,
+        } => {
+            let keys = load_keys(&public_keys)?;
+            let origin = match origin {
+                Some(o) => o,
+                None => first_origin(&file)?,
+            };
+            let input = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let report = tokenmill_metering::import_jsonl(
+                &mut std::io::BufReader::new(input),
+                tokenmill_metering::LedgerConfig::new(&out, origin),
+                &keys,
+            )
+            .with_context(|| format!("importing {}", file.display()))?;
+            println!(
+                "ok: {} records and {} checkpoints rebuilt in {}; root {}",
+                report.records,
+                report.checkpoints,
+                out.display(),
+                report.root
+            );
         }
         LedgerCommand::Prove {
             dir,
@@ -248,6 +305,32 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The origin of the first checkpoint line of an export (the importer
+/// needs it before it reads the records).
+fn first_origin(file: &Path) -> anyhow::Result<String> {
+    use std::io::BufRead;
+    let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    for line in std::io::BufReader::new(input).lines() {
+        let line = line.with_context(|| format!("reading {}", file.display()))?;
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if value.get("type").and_then(|t| t.as_str()) == Some("checkpoint") {
+            if let Some(origin) = value
+                .get("note")
+                .and_then(|n| n.as_str())
+                .and_then(|n| n.lines().next())
+            {
+                return Ok(origin.to_owned());
+            }
+        }
+    }
+    bail!(
+        "{} has no checkpoint line: export with --checkpoints, or give --origin",
+        file.display()
+    )
 }
 
 fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<VerifierKey>> {
