@@ -4,6 +4,7 @@ mod config;
 mod ledger_cli;
 mod ledger_metrics;
 mod serve;
+mod settle_cli;
 mod tenants;
 mod usage_log;
 
@@ -41,6 +42,9 @@ enum Command {
     Tenants(tenants::TenantsArgs),
     /// The signed usage ledger: keys, verification, export, proofs.
     Ledger(ledger_cli::LedgerArgs),
+    /// A month's revenue-share statement from a verified ledger and a
+    /// contract (docs/contract.md).
+    Settle(settle_cli::SettleArgs),
 }
 
 /// Parses the command line, with `serve`'s environment variables and config
@@ -77,5 +81,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(*args),
         Command::Tenants(args) => tenants::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
+        Command::Settle(args) => settle_cli::run(args),
     }
 }
