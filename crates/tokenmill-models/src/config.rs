@@ -1,5 +1,5 @@
 //! The architecture hyper-parameters of a Llama-family model, read from GGUF
-//! metadata.
+//! metadata (here) or from a Hugging Face `config.json` ([`crate::hf`]).
 
 use crate::error::{ModelError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -25,6 +25,9 @@ pub struct LlamaConfig {
     pub rope_theta: f32,
     /// Whether rotary pairs are (i, i + d/2) ("neox") rather than (2i, 2i+1).
     pub rope_neox: bool,
+    /// Llama 3.1's rescaling of the rotary frequencies for long contexts, if
+    /// the model uses it.
+    pub rope_scaling: Option<Llama3RopeScaling>,
     /// Epsilon of the RMS norms.
     pub rms_norm_eps: f64,
     /// Most positions the model was trained for.
@@ -33,6 +36,41 @@ pub struct LlamaConfig {
     pub vocab_size: usize,
     /// Whether the output projection reuses the token embedding matrix.
     pub tied_embeddings: bool,
+}
+
+/// Llama 3.1's rotary frequency rescaling ("rope_type": "llama3"): slow
+/// frequencies (wavelengths longer than the original context over
+/// `low_freq_factor`) are divided by `factor`, fast ones (shorter than the
+/// original context over `high_freq_factor`) are kept, and those in between
+/// are interpolated between the two.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// How much longer a context the model is stretched to.
+    pub factor: f64,
+    /// Wavelengths above `original_context / low_freq_factor` are scaled fully.
+    pub low_freq_factor: f64,
+    /// Wavelengths below `original_context / high_freq_factor` are not scaled.
+    pub high_freq_factor: f64,
+    /// The context the model was first trained for.
+    pub original_context: f64,
+}
+
+impl Llama3RopeScaling {
+    /// The rescaled frequency (radians per position) of one rotary pair.
+    pub fn scale(&self, freq: f64) -> f64 {
+        let wavelen = 2.0 * std::f64::consts::PI / freq;
+        let low_freq_wavelen = self.original_context / self.low_freq_factor;
+        let high_freq_wavelen = self.original_context / self.high_freq_factor;
+        if wavelen < high_freq_wavelen {
+            freq
+        } else if wavelen > low_freq_wavelen {
+            freq / self.factor
+        } else {
+            let smooth = (self.original_context / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * freq / self.factor + smooth * freq
+        }
+    }
 }
 
 /// Typed access to GGUF metadata with errors that name the missing key.
@@ -184,6 +222,7 @@ impl LlamaConfig {
             head_dim,
             rope_theta: md.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
             rope_neox: NEOX_ROPE.contains(&arch.as_str()),
+            rope_scaling: None,
             rms_norm_eps: md.f32(&key("attention.layer_norm_rms_epsilon"))? as f64,
             context_length: md.usize(&key("context_length"))?,
             vocab_size,

@@ -37,6 +37,11 @@ enum Weight {
     Cpu(Q8Matrix),
     /// candle's quantized matmul on any other device, one per layer.
     Quantized(Vec<QMatMul>),
+    /// Unquantized weights (`[n, k]`, the stacked layers' rows one after
+    /// another) in their storage type: f32 on the CPU; bf16 or f16 as loaded
+    /// on a GPU, where the input is cast to that type for the product so that
+    /// each step reads the weights at their own width.
+    Dense(Tensor),
 }
 
 /// One linear layer, or several stacked ([`Weight`]), with optional biases
@@ -68,19 +73,7 @@ impl Linear {
             )));
         }
         let widths: Vec<usize> = dims.iter().map(|d| d.0).collect();
-        let bias = if biases.iter().any(Option::is_some) {
-            let parts = biases
-                .into_iter()
-                .zip(&widths)
-                .map(|(b, width)| match b {
-                    Some(b) => Ok(b),
-                    None => Tensor::zeros(*width, DType::F32, device),
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Some(Tensor::cat(&parts, 0)?)
-        } else {
-            None
-        };
+        let bias = stacked_bias(biases, &widths, device)?;
         let weight = if device.is_cpu() {
             let n = widths.iter().sum();
             if weights.iter().all(|w| w.dtype() == GgmlDType::Q4_1) {
@@ -113,10 +106,42 @@ impl Linear {
         })
     }
 
+    /// Stacks dense `weights` (`[n_i, k]` each, any float type) and their
+    /// biases along the output. On the CPU the weights become f32 (the
+    /// reference path: exact products of the stored values); elsewhere they
+    /// keep their type.
+    fn dense(weights: Vec<Tensor>, biases: Vec<Option<Tensor>>, device: &Device) -> Result<Self> {
+        let dims = weights
+            .iter()
+            .map(|w| w.dims2())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let k = dims.first().map_or(0, |d| d.1);
+        if dims.iter().any(|d| d.1 != k) {
+            return Err(ModelError::Metadata(format!(
+                "stacked layers of different input widths: {dims:?}"
+            )));
+        }
+        let widths: Vec<usize> = dims.iter().map(|d| d.0).collect();
+        let bias = stacked_bias(biases, &widths, device)?;
+        let mut weight = Tensor::cat(&weights, 0)?;
+        if device.is_cpu() {
+            weight = weight.to_dtype(DType::F32)?;
+        }
+        Ok(Linear {
+            weight: Weight::Dense(weight.to_device(device)?.contiguous()?),
+            widths,
+            bias,
+        })
+    }
+
     /// The outputs of the stacked layers side by side: `[.., sum of widths]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Cpu(w) => x.contiguous()?.apply_op1_no_bwd(w)?,
+            Weight::Dense(w) => x
+                .to_dtype(w.dtype())?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?,
             Weight::Quantized(ws) => {
                 let parts = ws
                     .iter()
@@ -142,6 +167,27 @@ impl Linear {
         }
         Ok(parts)
     }
+}
+
+/// The biases of stacked layers, side by side, as f32 (zeros for a layer
+/// without one); `None` when no layer has one.
+fn stacked_bias(
+    biases: Vec<Option<Tensor>>,
+    widths: &[usize],
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if biases.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let parts = biases
+        .into_iter()
+        .zip(widths)
+        .map(|(b, width)| match b {
+            Some(b) => b.to_dtype(DType::F32)?.to_device(device),
+            None => Tensor::zeros(*width, DType::F32, device),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(Tensor::cat(&parts, 0)?))
 }
 
 struct RmsNorm {
@@ -218,7 +264,13 @@ impl Rotary {
     fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
         let half = cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .map(|i| {
+                let freq = 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32);
+                match &cfg.rope_scaling {
+                    Some(scaling) => scaling.scale(f64::from(freq)) as f32,
+                    None => freq,
+                }
+            })
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
@@ -318,7 +370,122 @@ impl<R: Read + Seek> GgufTensors<'_, R> {
     }
 }
 
+/// Dense weights by their Hugging Face names (`model.layers.0.mlp.up_proj.weight`),
+/// from safetensors files ([`crate::hf`]) or drawn at random
+/// ([`crate::random_weights`]).
+pub trait DenseWeights {
+    /// The tensor `name` in its stored type, on any device.
+    fn tensor(&mut self, name: &str) -> Result<Tensor>;
+    /// Whether there is a tensor `name` (for optional biases).
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Reads the tensors of one model from [`DenseWeights`], checking shapes
+/// against the configuration so a mismatched file fails at load, by name.
+struct DenseLoader<'a> {
+    weights: &'a mut dyn DenseWeights,
+    device: &'a Device,
+}
+
+impl DenseLoader<'_> {
+    fn tensor(&mut self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let t = self.weights.tensor(name)?;
+        if t.dims() != dims {
+            return Err(ModelError::Metadata(format!(
+                "{name}: shape {:?}, expected {dims:?}",
+                t.dims()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// The layers `names` (each `[rows, k]`), stacked, with their biases.
+    fn linear(&mut self, names: &[(&str, usize)], k: usize) -> Result<Linear> {
+        let mut weights = Vec::with_capacity(names.len());
+        let mut biases = Vec::with_capacity(names.len());
+        for (name, rows) in names {
+            weights.push(self.tensor(&format!("{name}.weight"), &[*rows, k])?);
+            let bias = format!("{name}.bias");
+            biases.push(if self.weights.contains(&bias) {
+                Some(self.tensor(&bias, &[*rows])?)
+            } else {
+                None
+            });
+        }
+        Linear::dense(weights, biases, self.device)
+    }
+
+    fn norm(&mut self, name: &str, width: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self
+                .tensor(name, &[width])?
+                .to_dtype(DType::F32)?
+                .to_device(self.device)?,
+            eps: eps as f32,
+        })
+    }
+}
+
 impl Llama {
+    /// Builds the model from dense weights named as in Hugging Face's Llama,
+    /// Qwen2 and Mistral checkpoints. Activations stay f32; see
+    /// [`Weight::Dense`] for the products. `on_layer` is called after each
+    /// decoder layer is loaded.
+    pub fn from_dense(
+        cfg: LlamaConfig,
+        weights: &mut dyn DenseWeights,
+        device: &Device,
+        mut on_layer: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let mut t = DenseLoader { weights, device };
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q_width, kv_width) = (cfg.num_heads * cfg.head_dim, cfg.kv_width());
+        let embed = t.tensor("model.embed_tokens.weight", &[cfg.vocab_size, hidden])?;
+        let embeddings = embed.to_dtype(DType::F32)?.to_device(device)?;
+        let lm_head = if cfg.tied_embeddings {
+            Linear::dense(vec![embed], vec![None], device)?
+        } else {
+            t.linear(&[("lm_head", cfg.vocab_size)], hidden)?
+        };
+        let final_norm = t.norm("model.norm.weight", hidden, cfg.rms_norm_eps)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let name = |n: &str| format!("model.layers.{i}.{n}");
+            let (q, k, v) = (
+                name("self_attn.q_proj"),
+                name("self_attn.k_proj"),
+                name("self_attn.v_proj"),
+            );
+            let (gate, up) = (name("mlp.gate_proj"), name("mlp.up_proj"));
+            layers.push(DecoderLayer {
+                attn_norm: t.norm(&name("input_layernorm.weight"), hidden, cfg.rms_norm_eps)?,
+                attn: Attention {
+                    qkv: t.linear(&[(&q, q_width), (&k, kv_width), (&v, kv_width)], hidden)?,
+                    o: t.linear(&[(&name("self_attn.o_proj"), hidden)], q_width)?,
+                },
+                mlp_norm: t.norm(
+                    &name("post_attention_layernorm.weight"),
+                    hidden,
+                    cfg.rms_norm_eps,
+                )?,
+                mlp: Mlp {
+                    gate_up: t.linear(&[(&gate, inter), (&up, inter)], hidden)?,
+                    down: t.linear(&[(&name("mlp.down_proj"), hidden)], inter)?,
+                },
+            });
+            on_layer(i + 1, cfg.num_layers);
+        }
+        Ok(Llama {
+            rotary: Rotary::new(&cfg, device)?,
+            cfg,
+            embeddings,
+            layers,
+            final_norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
     /// Loads the weights of a GGUF file. `on_layer` is called after each
     /// decoder layer is loaded (for progress reporting).
     pub fn from_gguf<R: Read + Seek>(

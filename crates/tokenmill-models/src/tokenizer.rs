@@ -1,4 +1,5 @@
-//! A `tokenizers` tokenizer built from a GGUF file's own tokenizer metadata.
+//! A `tokenizers` tokenizer built from a GGUF file's own tokenizer metadata,
+//! or read from a Hugging Face model directory's `tokenizer.json`.
 //!
 //! GGUF stores the vocabulary, the BPE merges, token types and the name of the
 //! pre-tokenizer (`tokenizer.ggml.pre`). We rebuild the same pipeline the
@@ -121,6 +122,49 @@ impl ModelTokenizer {
             bos_token,
             eos_token,
             add_bos: md.bool_or("tokenizer.ggml.add_bos_token", false)?,
+            end_of_generation,
+        })
+    }
+
+    /// Loads `dir/tokenizer.json` with the special tokens named in
+    /// `dir/tokenizer_config.json` and the end-of-sequence ids of
+    /// `dir/generation_config.json` (a Hugging Face model directory).
+    pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config = crate::hf::TokenizerConfig::read(dir)?;
+        let named = |text: Option<&String>| -> Option<(u32, String)> {
+            let text = text?;
+            Some((inner.token_to_id(text)?, text.clone()))
+        };
+        let bos_token = named(config.bos_token.as_ref());
+        let eos_token = named(config.eos_token.as_ref());
+        // Without an explicit `add_bos_token`, do what the tokenizer's own
+        // post-processor does when asked for special tokens (Llama 3 adds
+        // its BOS there).
+        let add_bos = match (config.add_bos_token, &bos_token) {
+            (Some(add), _) => add,
+            (None, Some((bos, _))) => inner
+                .encode_fast("a", true)
+                .map(|e| e.get_ids().first() == Some(bos))
+                .unwrap_or(false),
+            (None, None) => false,
+        };
+        let mut end_of_generation: Vec<u32> = eos_token.iter().map(|(id, _)| *id).collect();
+        end_of_generation.extend(crate::hf::generation_eos_ids(dir)?);
+        for (id, added) in inner.get_added_tokens_decoder() {
+            if added.special && END_OF_GENERATION_TEXTS.contains(&added.content.as_str()) {
+                end_of_generation.push(id);
+            }
+        }
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
+        Ok(ModelTokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            add_bos,
             end_of_generation,
         })
     }

@@ -1,5 +1,6 @@
 //! The tokenmill binary.
 
+mod bench;
 mod config;
 mod ledger_cli;
 mod ledger_metrics;
@@ -42,6 +43,9 @@ enum Command {
     Tenants(tenants::TenantsArgs),
     /// The signed usage ledger: keys, verification, export, proofs.
     Ledger(ledger_cli::LedgerArgs),
+    /// Benchmark a server (any OpenAI-compatible one) or the engine:
+    /// latency percentiles, throughput, goodput, JSON and plots.
+    Bench(bench::BenchArgs),
     /// A month's revenue-share statement from a verified ledger and a
     /// contract (docs/contract.md).
     Settle(settle_cli::SettleArgs),
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(*args),
         Command::Tenants(args) => tenants::run(args),
         Command::Ledger(args) => ledger_cli::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Settle(args) => settle_cli::run(args),
     }
 }
