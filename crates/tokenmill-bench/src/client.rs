@@ -244,7 +244,10 @@ impl HttpTarget {
             return false;
         }
         if !chunk.is_object() {
-            rec.fail("malformed_sse", format!("data is not an object: {}", clip(&data)));
+            rec.fail(
+                "malformed_sse",
+                format!("data is not an object: {}", clip(&data)),
+            );
             return false;
         }
         if let Some(id) = chunk.get("id").and_then(Value::as_str) {
@@ -389,7 +392,11 @@ mod tests {
             now,
             &mut rec
         ));
-        assert!(!t.on_event(ev(r#"{"id":"c1","choices":[{"delta":{"content":"Hi"}}]}"#), now, &mut rec));
+        assert!(!t.on_event(
+            ev(r#"{"id":"c1","choices":[{"delta":{"content":"Hi"}}]}"#),
+            now,
+            &mut rec
+        ));
         assert!(!t.on_event(
             ev(r#"{"id":"c1","choices":[{"delta":{},"finish_reason":"length"}]}"#),
             now,
@@ -404,13 +411,19 @@ mod tests {
         let r = rec.finish();
         assert!(r.ok);
         assert_eq!(r.response_id.as_deref(), Some("c1"));
-        assert_eq!((r.content_chunks, r.output_tokens, r.prompt_tokens), (1, 1, Some(3)));
+        assert_eq!(
+            (r.content_chunks, r.output_tokens, r.prompt_tokens),
+            (1, 1, Some(3))
+        );
         assert_eq!(r.finish_reason.as_deref(), Some("length"));
 
         for (data, kind) in [
             ("{not json", "malformed_sse"),
             ("[1,2]", "malformed_sse"),
-            (r#"{"error":{"message":"boom","type":"server_error"}}"#, "stream_error"),
+            (
+                r#"{"error":{"message":"boom","type":"server_error"}}"#,
+                "stream_error",
+            ),
         ] {
             let mut rec = Recorder::start(0, level, None, 7);
             t.on_event(ev(data), now, &mut rec);

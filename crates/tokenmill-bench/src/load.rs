@@ -146,7 +146,10 @@ mod tests {
         assert!((std - 0.25).abs() < 0.015, "gap std {std}");
         // Memoryless: about e^-1 of the gaps are longer than the mean.
         let long = gaps.iter().filter(|g| **g > 0.25).count() as f64 / gaps.len() as f64;
-        assert!((long - (-1f64).exp()).abs() < 0.02, "share over the mean {long}");
+        assert!(
+            (long - (-1f64).exp()).abs() < 0.02,
+            "share over the mean {long}"
+        );
     }
 
     #[test]
@@ -156,7 +159,10 @@ mod tests {
             max_concurrency: Some(2),
         };
         let text = serde_json::to_string(&load).unwrap();
-        assert_eq!(text, r#"{"mode":"request_rate","rate":null,"max_concurrency":2}"#);
+        assert_eq!(
+            text,
+            r#"{"mode":"request_rate","rate":null,"max_concurrency":2}"#
+        );
         assert_eq!(serde_json::from_str::<Load>(&text).unwrap(), load);
     }
 

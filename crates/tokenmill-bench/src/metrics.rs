@@ -192,7 +192,9 @@ impl Recorder {
     /// The request ended at `end`.
     pub fn finish_at(self, end: Instant) -> RequestRecord {
         let e2e_ms = ms(end.saturating_duration_since(self.sent));
-        let ttft_ms = self.first.map(|f| ms(f.saturating_duration_since(self.sent)));
+        let ttft_ms = self
+            .first
+            .map(|f| ms(f.saturating_duration_since(self.sent)));
         let (output_tokens, output_tokens_source) = match self.completion_tokens {
             Some(n) => (n, TokenSource::Usage),
             None => (self.content_chunks, TokenSource::Chunks),

@@ -47,7 +47,13 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> BenchError {
 fn slug(label: &str) -> String {
     let s: String = label
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if s.is_empty() {
         "run".to_owned()
@@ -111,7 +117,12 @@ pub fn latency_cdfs(path: &Path, title: &str, series: &[(String, &LevelResult)])
         let lines: Vec<(String, Vec<(f64, f64)>)> = series
             .iter()
             .map(|(label, level)| {
-                let values = level.requests.iter().filter(|r| r.ok).flat_map(read).collect();
+                let values = level
+                    .requests
+                    .iter()
+                    .filter(|r| r.ok)
+                    .flat_map(read)
+                    .collect();
                 (label.clone(), cdf(values))
             })
             .collect();
@@ -189,10 +200,7 @@ fn e2e_p99(l: &LevelResult) -> Option<f64> {
     dist(&l.summary.e2e_ms, true)
 }
 
-const THROUGHPUT: [LevelValue; 2] = [
-    ("output tokens/s", output_tps),
-    ("requests/s", request_rps),
-];
+const THROUGHPUT: [LevelValue; 2] = [("output tokens/s", output_tps), ("requests/s", request_rps)];
 
 const LATENCY: [LevelValue; 6] = [
     ("TTFT p50 (ms)", ttft_p50),
@@ -296,14 +304,17 @@ pub fn write_plots(dir: &Path, results: &[BenchResult]) -> Result<Vec<PathBuf>> 
         written.push(path);
     }
     for (kind, x_desc, pick) in [
-        ("concurrency", "concurrent requests", is_concurrency as fn(&Load) -> bool),
+        (
+            "concurrency",
+            "concurrent requests",
+            is_concurrency as fn(&Load) -> bool,
+        ),
         ("request_rate", "requests per second offered", is_rate),
     ] {
         let sweeps: Vec<(String, Vec<&LevelResult>)> = results
             .iter()
             .map(|r| {
-                let levels: Vec<&LevelResult> =
-                    r.levels.iter().filter(|l| pick(&l.load)).collect();
+                let levels: Vec<&LevelResult> = r.levels.iter().filter(|l| pick(&l.load)).collect();
                 (r.label.clone(), levels)
             })
             .filter(|(_, levels)| levels.len() > 1)
@@ -312,10 +323,24 @@ pub fn write_plots(dir: &Path, results: &[BenchResult]) -> Result<Vec<PathBuf>> 
             continue;
         }
         let path = dir.join(format!("throughput_vs_{kind}.png"));
-        against_load(&path, &format!("throughput against {x_desc}"), x_desc, &sweeps, &THROUGHPUT, (1, 2))?;
+        against_load(
+            &path,
+            &format!("throughput against {x_desc}"),
+            x_desc,
+            &sweeps,
+            &THROUGHPUT,
+            (1, 2),
+        )?;
         written.push(path);
         let path = dir.join(format!("latency_vs_{kind}.png"));
-        against_load(&path, &format!("latency against {x_desc}"), x_desc, &sweeps, &LATENCY, (2, 3))?;
+        against_load(
+            &path,
+            &format!("latency against {x_desc}"),
+            x_desc,
+            &sweeps,
+            &LATENCY,
+            (2, 3),
+        )?;
         written.push(path);
     }
     Ok(written)
@@ -380,7 +405,10 @@ mod tests {
     #[test]
     fn plots_are_drawn_with_the_embedded_font() {
         let dir = tempfile::tempdir().unwrap();
-        let series = [("c=1".to_owned(), &level(1, 1.0)), ("c=4".to_owned(), &level(4, 2.0))];
+        let series = [
+            ("c=1".to_owned(), &level(1, 1.0)),
+            ("c=4".to_owned(), &level(4, 2.0)),
+        ];
         let path = dir.path().join("cdf.png");
         latency_cdfs(&path, "test", &series).unwrap();
         let sweeps = vec![("a".to_owned(), vec![series[0].1, series[1].1])];
@@ -389,7 +417,12 @@ mod tests {
         for p in [path, sweep_path] {
             let bytes = std::fs::read(&p).unwrap();
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", p.display());
-            assert!(bytes.len() > 10_000, "{} is {} bytes", p.display(), bytes.len());
+            assert!(
+                bytes.len() > 10_000,
+                "{} is {} bytes",
+                p.display(),
+                bytes.len()
+            );
         }
     }
 

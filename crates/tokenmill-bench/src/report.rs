@@ -108,11 +108,10 @@ impl BenchResult {
     /// Reads a results file back.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| BenchError::io(path, e))?;
-        let result: BenchResult =
-            serde_json::from_str(&text).map_err(|e| BenchError::Results {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+        let result: BenchResult = serde_json::from_str(&text).map_err(|e| BenchError::Results {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         if result.schema != SCHEMA {
             return Err(BenchError::Results {
                 path: path.display().to_string(),
@@ -327,7 +326,10 @@ mod tests {
         let mut other = r.clone();
         other.schema = "tokenmill-bench-result/0".to_owned();
         other.write(&path).unwrap();
-        assert!(BenchResult::read(&path).unwrap_err().to_string().contains("schema"));
+        assert!(BenchResult::read(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("schema"));
     }
 
     #[test]
@@ -338,6 +340,9 @@ mod tests {
         assert!(t.contains("| t | concurrency 2 | 1 | 1 |"), "{t}");
         assert!(t.contains("10.0 / 10.0 / 10.0"), "{t}");
         let n = notes(&rows);
-        assert!(n.contains("1 failed with http_503 (first: draining)"), "{n}");
+        assert!(
+            n.contains("1 failed with http_503 (first: draining)"),
+            "{n}"
+        );
     }
 }

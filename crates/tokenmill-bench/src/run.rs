@@ -213,7 +213,9 @@ pub async fn run_level(
     match spec.load {
         Load::Concurrency { concurrency } => {
             if concurrency == 0 {
-                return Err(BenchError::Config("concurrency must be at least 1".to_owned()));
+                return Err(BenchError::Config(
+                    "concurrency must be at least 1".to_owned(),
+                ));
             }
             let next = Arc::new(AtomicU64::new(0));
             let mut clients = Vec::new();
@@ -244,7 +246,9 @@ pub async fn run_level(
             max_concurrency,
         } => {
             if rate.is_nan() || rate <= 0.0 {
-                return Err(BenchError::Config("the request rate must be positive".to_owned()));
+                return Err(BenchError::Config(
+                    "the request rate must be positive".to_owned(),
+                ));
             }
             let slots = max_concurrency.map(|m| Arc::new(tokio::sync::Semaphore::new(m.max(1))));
             let mut tasks = Vec::new();
@@ -277,12 +281,19 @@ pub async fn run_level(
     };
     records.sort_by_key(|r| r.index);
     // From the first send to the last end.
-    let first = records.iter().map(|r| r.start_s).fold(f64::INFINITY, f64::min);
+    let first = records
+        .iter()
+        .map(|r| r.start_s)
+        .fold(f64::INFINITY, f64::min);
     let last = records
         .iter()
         .map(|r| r.start_s + r.e2e_ms / 1000.0)
         .fold(0.0, f64::max);
-    let duration_s = if records.is_empty() { 0.0 } else { last - first };
+    let duration_s = if records.is_empty() {
+        0.0
+    } else {
+        last - first
+    };
     Ok(LevelResult {
         load: spec.load,
         warmup_requests: spec.warmup,

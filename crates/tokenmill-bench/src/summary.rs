@@ -113,8 +113,7 @@ impl Slo {
             (None, _) | (Some(_), None) => true,
             (Some(b), Some(v)) => v <= b,
         };
-        r.ok
-            && (self.ttft_ms.is_none() || r.ttft_ms.is_some())
+        r.ok && (self.ttft_ms.is_none() || r.ttft_ms.is_some())
             && within(self.ttft_ms, r.ttft_ms)
             && within(self.tpot_ms, r.tpot_ms)
             && within(self.e2e_ms, Some(r.e2e_ms))
@@ -182,7 +181,13 @@ impl Summary {
             let kind = r.error.as_ref().map_or("unknown", |e| e.kind.as_str());
             *errors.entry(kind.to_owned()).or_insert(0) += 1;
         }
-        let per_s = |x: f64| if duration_s > 0.0 { x / duration_s } else { 0.0 };
+        let per_s = |x: f64| {
+            if duration_s > 0.0 {
+                x / duration_s
+            } else {
+                0.0
+            }
+        };
         let prompt_tokens: u64 = ok.iter().map(|r| r.prompt_tokens_for_totals()).sum();
         let output_tokens: u64 = ok.iter().map(|r| r.output_tokens).sum();
         let goodput = slo.map(|slo| {

@@ -66,7 +66,9 @@ impl FromStr for Sweep {
                             max_concurrency: None,
                         })
                     } else {
-                        Err(format!("request rate {v:?}: expected a positive number or inf"))
+                        Err(format!(
+                            "request rate {v:?}: expected a positive number or inf"
+                        ))
                     }
                 })
                 .collect::<Result<Vec<_>, _>>()?,
@@ -108,7 +110,14 @@ mod tests {
                 }
             ]
         );
-        for bad in ["concurrency", "concurrency=", "concurrency=0", "concurrency=x", "rate=-1", "batch=1"] {
+        for bad in [
+            "concurrency",
+            "concurrency=",
+            "concurrency=0",
+            "concurrency=x",
+            "rate=-1",
+            "batch=1",
+        ] {
             assert!(bad.parse::<Sweep>().is_err(), "{bad:?}");
         }
     }

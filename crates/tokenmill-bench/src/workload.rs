@@ -105,7 +105,9 @@ impl FromStr for LengthSpec {
             ["uniform", min, max] => {
                 let (min, max) = (int(min)?, int(max)?);
                 if min > max {
-                    return Err(format!("uniform:{min}:{max}: the minimum is over the maximum"));
+                    return Err(format!(
+                        "uniform:{min}:{max}: the minimum is over the maximum"
+                    ));
                 }
                 LengthSpec::Uniform { min, max }
             }
@@ -145,7 +147,10 @@ struct GgufTokenizer(tokenmill_models::ModelTokenizer);
 
 impl PromptTokenizer for GgufTokenizer {
     fn count(&self, text: &str) -> Result<usize, String> {
-        self.0.encode(text).map(|t| t.len()).map_err(|e| e.to_string())
+        self.0
+            .encode(text)
+            .map(|t| t.len())
+            .map_err(|e| e.to_string())
     }
     fn encode_raw(&self, text: &str) -> Result<Vec<u32>, String> {
         self.0.encode_raw(text).map_err(|e| e.to_string())
@@ -480,7 +485,9 @@ impl Workload {
     /// What the workload is, for the results file.
     pub fn describe(&self) -> WorkloadInfo {
         let (prompts, input_len) = match &self.source {
-            PromptSource::Synthetic { input, .. } => ("synthetic".to_owned(), Some(input.to_string())),
+            PromptSource::Synthetic { input, .. } => {
+                ("synthetic".to_owned(), Some(input.to_string()))
+            }
             PromptSource::File { path, .. } => (format!("file:{}", path.display()), None),
         };
         WorkloadInfo {
@@ -586,7 +593,16 @@ pub(crate) mod tests {
                 std: 15.5
             })
         );
-        for bad in ["", "0", "-3", "uniform:20:10", "uniform:0:3", "normal:1", "poisson:3", "x"] {
+        for bad in [
+            "",
+            "0",
+            "-3",
+            "uniform:20:10",
+            "uniform:0:3",
+            "normal:1",
+            "poisson:3",
+            "x",
+        ] {
             assert!(bad.parse::<LengthSpec>().is_err(), "{bad:?} parsed");
         }
     }
@@ -612,12 +628,21 @@ pub(crate) mod tests {
     #[test]
     fn synthetic_prompts_have_the_exact_token_length() {
         for bos in [false, true] {
-            let w = synthetic(bos, LengthSpec::Uniform { min: 2, max: 300 }, LengthSpec::Fixed(4), 7);
+            let w = synthetic(
+                bos,
+                LengthSpec::Uniform { min: 2, max: 300 },
+                LengthSpec::Fixed(4),
+                7,
+            );
             let tok = ToyTokenizer::new(bos);
             for i in 0..50 {
                 let r = w.request(Stream::Measured, i).unwrap();
                 let want = r.expected_prompt_tokens.unwrap() as usize;
-                assert_eq!(tok.count(&r.prompt).unwrap(), want, "bos {bos}, request {i}");
+                assert_eq!(
+                    tok.count(&r.prompt).unwrap(),
+                    want,
+                    "bos {bos}, request {i}"
+                );
             }
         }
         // One token cannot hold a BOS and a word.
@@ -635,12 +660,19 @@ pub(crate) mod tests {
         let a = synthetic(false, spec, out, 42);
         let b = synthetic(false, spec, out, 42);
         let c = synthetic(false, spec, out, 43);
-        let batch = |w: &Workload, s| (0..20).map(|i| w.request(s, i).unwrap()).collect::<Vec<_>>();
+        let batch = |w: &Workload, s| {
+            (0..20)
+                .map(|i| w.request(s, i).unwrap())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(batch(&a, Stream::Measured), batch(&b, Stream::Measured));
         assert_ne!(batch(&a, Stream::Measured), batch(&c, Stream::Measured));
         assert_ne!(batch(&a, Stream::Measured), batch(&a, Stream::Warmup));
         // Request 7 does not depend on the ones drawn before it.
-        assert_eq!(a.request(Stream::Measured, 7).unwrap(), batch(&b, Stream::Measured)[7]);
+        assert_eq!(
+            a.request(Stream::Measured, 7).unwrap(),
+            batch(&b, Stream::Measured)[7]
+        );
         // Distinct prompts: no request is a prefix-cache hit of another.
         let prompts = batch(&a, Stream::Measured);
         for (i, p) in prompts.iter().enumerate() {
@@ -669,7 +701,9 @@ pub(crate) mod tests {
             LengthSpec::Fixed(9),
             0,
         );
-        let r: Vec<_> = (0..3).map(|i| w.request(Stream::Measured, i).unwrap()).collect();
+        let r: Vec<_> = (0..3)
+            .map(|i| w.request(Stream::Measured, i).unwrap())
+            .collect();
         assert_eq!(r[0].prompt, "one");
         assert_eq!(r[0].max_tokens, 9);
         assert_eq!(r[0].expected_prompt_tokens, Some(3));

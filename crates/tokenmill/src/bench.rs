@@ -16,8 +16,7 @@ use tokenmill_bench::run::{run_level, LevelSpec, Stop, Target};
 use tokenmill_bench::summary::Slo;
 use tokenmill_bench::sweep::Sweep;
 use tokenmill_bench::workload::{
-    load_tokenizer, read_prompt_file, LengthSpec, PromptSource, PromptTokenizer, WordPool,
-    Workload,
+    load_tokenizer, read_prompt_file, LengthSpec, PromptSource, PromptTokenizer, WordPool, Workload,
 };
 use tokenmill_engine::{EngineConfig, SchedulerConfig};
 use tokenmill_models::catalog;
@@ -179,7 +178,8 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     let rate = if s == "inf" {
         f64::INFINITY
     } else {
-        s.parse::<f64>().map_err(|_| format!("{s:?} is not a number"))?
+        s.parse::<f64>()
+            .map_err(|_| format!("{s:?} is not a number"))?
     };
     if rate > 0.0 {
         Ok(rate)
@@ -208,7 +208,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 impl CommonArgs {
     fn levels(&self) -> anyhow::Result<Vec<Load>> {
         if let Some(sweep) = &self.sweep {
-            return Ok(sweep.clone().with_max_concurrency(self.max_concurrency).levels);
+            return Ok(sweep
+                .clone()
+                .with_max_concurrency(self.max_concurrency)
+                .levels);
         }
         if let Some(rate) = self.request_rate {
             return Ok(vec![Load::RequestRate {
@@ -383,7 +386,13 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
             max_num_seqs: args.max_num_seqs,
         }),
     };
-    execute(&args.common, Target::Engine(target), workload, options, info)
+    execute(
+        &args.common,
+        Target::Engine(target),
+        workload,
+        options,
+        info,
+    )
 }
 
 /// Runs every level, prints the table, writes the JSON and the plots.
