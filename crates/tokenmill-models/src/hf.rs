@@ -62,13 +62,13 @@ pub fn config_from_json(text: &str) -> Result<LlamaConfig> {
     }
     let num_heads = hf.num_attention_heads;
     let num_kv_heads = hf.num_key_value_heads.unwrap_or(num_heads);
-    if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+    if num_heads == 0 || num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
         return Err(ModelError::Metadata(format!(
             "{num_heads} query heads cannot be grouped over {num_kv_heads} kv heads"
         )));
     }
     let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / num_heads);
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(ModelError::Metadata(format!(
             "head_dim {head_dim} must be even"
         )));
@@ -291,7 +291,10 @@ mod tests {
         let cfg = config_from_json(LLAMA3_8B).unwrap();
         assert_eq!(cfg.architecture, "llama");
         assert_eq!((cfg.num_layers, cfg.hidden_size), (32, 4096));
-        assert_eq!((cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), (32, 8, 128));
+        assert_eq!(
+            (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            (32, 8, 128)
+        );
         assert_eq!(cfg.context_length, 8192);
         assert!(cfg.rope_neox && !cfg.tied_embeddings && cfg.rope_scaling.is_none());
         assert_eq!(cfg.rope_theta, 500_000.0);
@@ -334,11 +337,19 @@ mod tests {
     #[test]
     fn bad_configs_are_clear_errors() {
         let gemma = LLAMA3_8B.replace("\"llama\"", "\"gemma\"");
-        assert!(matches!(config_from_json(&gemma), Err(ModelError::Unsupported(m)) if m.contains("gemma")));
+        assert!(
+            matches!(config_from_json(&gemma), Err(ModelError::Unsupported(m)) if m.contains("gemma"))
+        );
         let heads = LLAMA3_8B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5");
-        assert!(matches!(config_from_json(&heads), Err(ModelError::Metadata(_))));
+        assert!(matches!(
+            config_from_json(&heads),
+            Err(ModelError::Metadata(_))
+        ));
         let gelu = LLAMA3_8B.replace("\"silu\"", "\"gelu\"");
-        assert!(matches!(config_from_json(&gelu), Err(ModelError::Unsupported(_))));
+        assert!(matches!(
+            config_from_json(&gelu),
+            Err(ModelError::Unsupported(_))
+        ));
         assert!(config_from_json("{}").is_err());
     }
 }

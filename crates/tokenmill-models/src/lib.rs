@@ -102,8 +102,11 @@ impl LoadedModel {
         if hf::is_model_dir(path) {
             let tokenizer = ModelTokenizer::from_hf_dir(path)?;
             let source = hf::TokenizerConfig::read(path)?.chat_template;
-            let template =
-                ChatTemplate::new(source.as_deref(), tokenizer.bos_text(), tokenizer.eos_text())?;
+            let template = ChatTemplate::new(
+                source.as_deref(),
+                tokenizer.bos_text(),
+                tokenizer.eos_text(),
+            )?;
             return Ok((tokenizer, template));
         }
         let file = std::fs::File::open(path).map_err(|source| ModelError::Io {
@@ -119,7 +122,11 @@ impl LoadedModel {
     }
 
     /// Checks that the tokenizer's ids fit the network's vocabulary.
-    fn assemble(model: Llama, tokenizer: ModelTokenizer, chat_template: ChatTemplate) -> Result<Self> {
+    fn assemble(
+        model: Llama,
+        tokenizer: ModelTokenizer,
+        chat_template: ChatTemplate,
+    ) -> Result<Self> {
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(ModelError::Metadata(format!(
                 "tokenizer has {} tokens but the model only {}",

@@ -164,7 +164,10 @@ mod tests {
         // Different tensors of one model are different streams.
         let mut w = RandomWeights::new(&cfg, 7, DType::F32);
         let gate = w.tensor("model.layers.1.mlp.gate_proj.weight").unwrap();
-        assert_ne!(gate.flatten_all().unwrap().to_vec1::<f32>().unwrap(), draw(7));
+        assert_ne!(
+            gate.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            draw(7)
+        );
     }
 
     #[test]

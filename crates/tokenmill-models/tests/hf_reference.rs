@@ -89,7 +89,12 @@ fn prefill_in_chunks_then_decode_gives_the_same_logits() {
         let mut done = 0;
         for end in [7, 23] {
             let mut batch = ForwardBatch::default();
-            batch.push(&reference.tokens[done..end], end, blocks(end), LogitRows::Last);
+            batch.push(
+                &reference.tokens[done..end],
+                end,
+                blocks(end),
+                LogitRows::Last,
+            );
             let last = rows(&model.forward(&batch, &cache).unwrap());
             let err = max_relative_error(&last[0], &reference.logits[end - 1]);
             assert!(err < 1e-4, "{arch} chunk ending at {end}: {err}");

@@ -2,8 +2,10 @@
 
 mod bench;
 mod config;
+mod device;
 mod ledger_cli;
 mod ledger_metrics;
+mod model_cli;
 mod serve;
 mod settle_cli;
 mod tenants;
@@ -49,6 +51,9 @@ enum Command {
     /// A month's revenue-share statement from a verified ledger and a
     /// contract (docs/contract.md).
     Settle(settle_cli::SettleArgs),
+    /// Model tools for checks against other implementations: random
+    /// weights as safetensors, logits as JSON.
+    Model(model_cli::ModelArgs),
 }
 
 /// Parses the command line, with `serve`'s environment variables and config
@@ -87,5 +92,6 @@ fn main() -> anyhow::Result<()> {
         Command::Ledger(args) => ledger_cli::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Settle(args) => settle_cli::run(args),
+        Command::Model(args) => model_cli::run(args),
     }
 }

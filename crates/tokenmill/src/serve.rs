@@ -1,14 +1,15 @@
 //! `tokenmill serve`: load a model, start the engine, serve the API.
 
+use crate::device::DeviceChoice;
 use crate::ledger_metrics::TimedLedger;
 use crate::usage_log::{Tee, TracingMeter, UsageLog};
 use anyhow::{bail, Context};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
@@ -34,10 +35,25 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     print_config: bool,
-    /// A known model name (smollm2), installed by its script in models/, or
-    /// the path of a local .gguf file.
+    /// A known model name (smollm2), installed by its script in models/, the
+    /// path of a local .gguf file, or a Hugging Face model directory
+    /// (config.json, *.safetensors, tokenizer.json) of a Llama, Qwen2 or
+    /// Mistral model.
     #[arg(long, default_value = "smollm2")]
     model: String,
+    /// Run the architecture of this Hugging Face config.json with seeded
+    /// random weights instead of --model's weights (for speed work where
+    /// the real weights are not at hand); --model then only gives the
+    /// tokenizer and chat template.
+    #[arg(long)]
+    random_weights: Option<PathBuf>,
+    /// Seed of --random-weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the model runs: auto (a GPU when built with CUDA and one is
+    /// present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
     /// The name clients use in `model` (default: the known name, or the
     /// file's stem).
     #[arg(long)]
@@ -316,9 +332,9 @@ fn resolve_model(args: &ServeArgs) -> anyhow::Result<(PathBuf, String)> {
         return Ok((path, name));
     }
     let path = PathBuf::from(&args.model);
-    if !path.is_file() {
+    if !path.is_file() && !tokenmill_models::hf::is_model_dir(&path) {
         bail!(
-            "--model {}: neither a known model ({}) nor a .gguf file",
+            "--model {}: neither a known model ({}), a .gguf file nor a model directory with a config.json",
             args.model,
             catalog::KNOWN_MODELS
                 .iter()
@@ -334,17 +350,35 @@ fn resolve_model(args: &ServeArgs) -> anyhow::Result<(PathBuf, String)> {
     Ok((path, args.served_model_name.clone().unwrap_or(stem)))
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<LoadedModel> {
+/// Loads `path` (or, with `--random-weights`, its tokenizer and a random
+/// model of the configured architecture) onto `device`.
+fn load(path: &Path, args: &ServeArgs, device: &Device) -> anyhow::Result<LoadedModel> {
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    bar.set_message(path.display().to_string());
-    let model = LoadedModel::from_gguf_file(path, &Device::Cpu, |done, total| {
+    let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })
-    .with_context(|| format!("loading {}", path.display()))?;
+    };
+    let model = match &args.random_weights {
+        Some(config) => {
+            bar.set_message(format!("random weights for {}", config.display()));
+            // bf16 is what a GPU serves; the CPU computes in f32 anyway.
+            let dtype = if device.is_cpu() {
+                DType::F32
+            } else {
+                DType::BF16
+            };
+            LoadedModel::with_random_weights(config, args.seed, dtype, path, device, progress)
+                .with_context(|| format!("building random weights for {}", config.display()))?
+        }
+        None => {
+            bar.set_message(path.display().to_string());
+            LoadedModel::load(path, device, progress)
+                .with_context(|| format!("loading {}", path.display()))?
+        }
+    };
     bar.finish_and_clear();
     Ok(model)
 }
@@ -374,16 +408,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let ledger = open_ledger.map(|open| open.ledger);
     let meter = meter(&args, ledger.clone())?;
     let (path, name) = resolve_model(&args)?;
+    let (device, device_name) = crate::device::open(args.device)?;
     let started = std::time::Instant::now();
-    let model = load(&path)?;
+    let model = load(&path, &args, &device)?;
     let cfg = model.model.config().clone();
     tracing::info!(
         model = %name,
         path = %path.display(),
+        architecture = %cfg.architecture,
+        random_weights = args.random_weights.is_some(),
         layers = cfg.num_layers,
         context = cfg.context_length,
+        device = %device_name,
         seconds = started.elapsed().as_secs_f64(),
-        "model loaded on cpu"
+        "model loaded on {device_name}"
     );
     let engine = Engine::start(
         model,
@@ -397,7 +435,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             max_in_flight: args.max_in_flight,
             capacity_interval: Duration::from_secs_f64(args.capacity_interval),
-            device: "cpu".to_owned(),
+            device: device_name,
         },
         meter,
     )?;
