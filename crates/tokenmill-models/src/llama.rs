@@ -475,15 +475,7 @@ impl Llama {
             });
             on_layer(i + 1, cfg.num_layers);
         }
-        Ok(Llama {
-            rotary: Rotary::new(&cfg, device)?,
-            cfg,
-            embeddings,
-            layers,
-            final_norm,
-            lm_head,
-            device: device.clone(),
-        })
+        Self::assemble(cfg, embeddings, layers, final_norm, lm_head, device)
     }
 
     /// Loads the weights of a GGUF file. `on_layer` is called after each
@@ -525,6 +517,18 @@ impl Llama {
             });
             on_layer(i + 1, cfg.num_layers);
         }
+        Self::assemble(cfg, embeddings, layers, final_norm, lm_head, device)
+    }
+
+    /// The model from its loaded parts, whatever the weights' source.
+    fn assemble(
+        cfg: LlamaConfig,
+        embeddings: Tensor,
+        layers: Vec<DecoderLayer>,
+        final_norm: RmsNorm,
+        lm_head: Linear,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(Llama {
             rotary: Rotary::new(&cfg, device)?,
             cfg,
