@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -152,10 +153,34 @@ def test_proofs_check_with_public_keys_alone_and_tampering_is_named(tmp_path: Pa
     assert _tokenmill("ledger", "verify", str(ledger), "--public-key", str(public)).returncode == 0
 
 
+def _delete_nats_stream(stream: str) -> None:
+    """Deletes a JetStream stream through NATS's text protocol, so the test leaves the server as it found it."""
+    with socket.create_connection(("127.0.0.1", 4222), timeout=10) as sock:
+        inbox = f"_INBOX.e2e.{random.randrange(1 << 30)}"
+        sock.sendall(f'CONNECT {{"verbose":false}}\r\nSUB {inbox} 1\r\n'
+                     f"PUB $JS.API.STREAM.DELETE.{stream} {inbox} 0\r\n\r\n".encode())
+        reply = b""
+        while b"MSG " not in reply:  # the API's answer arrives as a message on the inbox
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk.replace(b"PING\r\n", b"")
+            if b"PING" in chunk:
+                sock.sendall(b"PONG\r\n")
+    assert b'"success":true' in reply, reply
+
+
 def test_the_ledger_published_to_nats_rebuilds_a_ledger_that_verifies(tmp_path: Path) -> None:
     """serve --nats-url publishes every record and checkpoint; `ledger pull` rebuilds the same ledger."""
     data = tmp_path / "data"
     stream = f"e2e-{os.getpid()}-{random.randrange(1 << 30)}"
+    try:
+        _publish_and_pull(tmp_path, data, stream)
+    finally:
+        _delete_nats_stream(stream)
+
+
+def _publish_and_pull(tmp_path: Path, data: Path, stream: str) -> None:
     args = ["--no-auth", "--data-dir", str(data), "--nats-url", "nats://127.0.0.1:4222", "--nats-stream", stream]
     with start_server(server_binary(), args) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
