@@ -4,6 +4,7 @@ OpenAI's shape, usage billed to the key's tenant, and fair admission when one te
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -129,3 +130,37 @@ def test_a_flooding_tenant_does_not_starve_another(keyed: KeyedServer) -> None:
     # Arrival order alone would finish 20 floods first; fair shares give about 2 per trickle request.
     assert flood_before <= 8, order
     assert flood_before >= 1, order
+
+
+def test_sighup_reloads_the_tenants_file_and_a_bad_file_keeps_the_keys_in_force(tmp_path: Path) -> None:
+    """A key added while the server runs works after SIGHUP; a broken file on SIGHUP changes nothing."""
+    binary = server_binary()
+    tenants_file = tmp_path / "tenants.toml"
+    first = _add_key(binary, tenants_file, "first", 1)
+    with start_server(binary, ["--tenants", str(tenants_file), "--no-ledger"]) as server:
+        def status(key: str) -> int:
+            body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+            return httpx.post(f"{server.base_url}/completions", json=body,
+                              headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code
+
+        def after_hangup(key: str, want: int) -> int:
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while (got := status(key)) != want and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return got
+
+        second = _add_key(binary, tenants_file, "second", 3)
+        assert status(first) == 200
+        assert status(second) == 401, "the file is read at start and on SIGHUP only"
+        assert after_hangup(second, 200) == 200
+        assert status(first) == 200
+
+        tenants_file.write_text("this is not [ toml")
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "not reloaded" not in server.log_path.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "not reloaded" in server.log_path.read_text(errors="replace")
+        assert status(first) == 200 and status(second) == 200
+        assert server.process.poll() is None, "SIGHUP must not stop the server"

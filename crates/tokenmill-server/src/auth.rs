@@ -2,7 +2,7 @@
 //! billed to, or a 401 in OpenAI's error shape.
 
 use crate::error::ApiError;
-use crate::tenants::KeyRegistry;
+use crate::tenants::LiveKeys;
 use crate::AppState;
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -16,8 +16,8 @@ use tokenmill_protocol::Caller;
 pub enum Auth {
     /// Every request is the anonymous tenant's: local development only.
     Disabled,
-    /// Requests need a key from the registry.
-    Keys(Arc<KeyRegistry>),
+    /// Requests need a key from the registry in force.
+    Keys(Arc<LiveKeys>),
 }
 
 /// Middleware: puts the request's [`Caller`] into its extensions, or answers
@@ -32,6 +32,7 @@ pub async fn authenticate(
         Auth::Keys(registry) => {
             let key = bearer_key(&request).ok_or(ApiError::MissingApiKey)?;
             registry
+                .current()
                 .authenticate(key)
                 .cloned()
                 .ok_or_else(|| ApiError::InvalidApiKey(redact(key)))?

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokenmill_protocol::{Caller, KeyId, TenantId};
@@ -285,9 +286,52 @@ impl KeyRegistry {
     }
 }
 
+/// The registry a running server authenticates against, replaced whole when
+/// the tenants file is read again (`serve` does on SIGHUP): a request sees
+/// the old registry or the new one, never a mix, and requests already
+/// admitted keep the caller they were admitted as.
+#[derive(Debug, Default)]
+pub struct LiveKeys(RwLock<Arc<KeyRegistry>>);
+
+impl LiveKeys {
+    /// Starts with `registry`.
+    pub fn new(registry: KeyRegistry) -> Self {
+        LiveKeys(RwLock::new(Arc::new(registry)))
+    }
+
+    /// The registry now in force.
+    pub fn current(&self) -> Arc<KeyRegistry> {
+        // A poisoned lock still holds a whole registry: only `replace`
+        // writes, and it swaps one `Arc` for another.
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts `registry` in force for every request from now on.
+    pub fn replace(&self, registry: KeyRegistry) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(registry);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_keys_switch_to_a_new_registry_whole() {
+        let mut file = TenantsFile::default();
+        let old_key = file.add_key("acme", None).unwrap().secret;
+        let live = LiveKeys::new(KeyRegistry::new(&file));
+        let before = live.current();
+        let new_key = file.add_key("globex", Some(2)).unwrap().secret;
+        live.replace(KeyRegistry::new(&file));
+        assert!(
+            before.authenticate(&new_key).is_none(),
+            "a registry never changes"
+        );
+        let now = live.current();
+        assert_eq!(now.authenticate(&new_key).unwrap().weight, 2);
+        assert_eq!(now.authenticate(&old_key).unwrap().tenant.0, "acme");
+    }
 
     #[test]
     fn a_new_key_authenticates_its_tenant_and_only_its_hash_is_written() {

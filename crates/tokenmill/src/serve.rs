@@ -19,7 +19,7 @@ use tokenmill_nats::{ExportConfig, ExporterHandle};
 use tokenmill_protocol::FinishReason;
 use tokenmill_protocol::MeterSink;
 use tokenmill_server::telemetry::TenantLabels;
-use tokenmill_server::tenants::{KeyRegistry, TenantsFile};
+use tokenmill_server::tenants::{KeyRegistry, LiveKeys, TenantsFile};
 use tokenmill_server::{AppState, Auth, Lifecycle, Limits};
 
 /// Flags of `tokenmill serve`. Each can also be set by the environment
@@ -192,18 +192,53 @@ fn auth(args: &ServeArgs) -> anyhow::Result<Auth> {
             args.tenants.display()
         );
     }
-    let file = TenantsFile::load(&args.tenants)?;
+    let registry = read_keys(&args.tenants)?;
+    Ok(Auth::Keys(Arc::new(LiveKeys::new(registry))))
+}
+
+/// The keys of the tenants file at `path`; a file without keys is an error
+/// (it would refuse every request).
+fn read_keys(path: &Path) -> anyhow::Result<KeyRegistry> {
+    let file = TenantsFile::load(path)?;
     let registry = KeyRegistry::new(&file);
     if registry.is_empty() {
-        bail!("{} holds no keys", args.tenants.display());
+        bail!("{} holds no keys", path.display());
     }
     tracing::info!(
         tenants = file.tenants.len(),
         keys = registry.len(),
-        file = %args.tenants.display(),
+        file = %path.display(),
         "API keys loaded"
     );
-    Ok(Auth::Keys(Arc::new(registry)))
+    Ok(registry)
+}
+
+/// Reads the tenants file again on every SIGHUP, so `tokenmill tenants add`
+/// takes effect without a restart. A file that cannot be read or holds no
+/// keys is reported and the keys in force stay.
+async fn reload_keys_on_hangup(keys: Arc<LiveKeys>, path: PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: the tenants file will not be re-read");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match read_keys(&path) {
+                Ok(registry) => keys.replace(registry),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "SIGHUP: the tenants file was not reloaded; the keys in force stay"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (keys, path);
 }
 
 /// The meter every record goes to: the ledger (unless --no-ledger), then
@@ -453,6 +488,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs_f64(args.request_timeout),
         max_concurrent_requests: args.max_concurrent_requests,
     };
+    let live_keys = match &auth {
+        Auth::Keys(keys) => Some(Arc::clone(keys)),
+        Auth::Disabled => None,
+    };
+    let tenants_path = args.tenants.clone();
     let state =
         AppState::new(engine.clone(), limits, auth).with_metrics(metrics.clone(), tenant_labels);
     let lifecycle = state.lifecycle();
@@ -470,6 +510,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {address}"))?;
         tracing::info!("listening on http://{address}");
+        if let Some(keys) = live_keys {
+            tokio::spawn(reload_keys_on_hangup(keys, tenants_path));
+        }
         tokio::spawn(crate::ledger_metrics::publish(
             ledger_for_metrics,
             exporter_for_metrics,
