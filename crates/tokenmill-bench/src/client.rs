@@ -214,6 +214,15 @@ impl HttpTarget {
                 "incomplete_stream",
                 "the stream ended without data: [DONE]".to_owned(),
             );
+        } else if !rec.has_finish_reason() {
+            // Every choice of a complete OpenAI stream ends with a finish
+            // reason; a [DONE] without one means the server cut the answer
+            // short (llama-cpp-python does this to a stream when another
+            // request arrives, unless started with --interrupt_requests False).
+            rec.fail(
+                "no_finish_reason",
+                "data: [DONE] came before any finish_reason: the server cut the stream short",
+            );
         }
     }
 

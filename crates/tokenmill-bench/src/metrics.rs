@@ -26,8 +26,9 @@ pub enum TokenSource {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RequestError {
     /// One of the kinds in docs/bench.md: `connect`, `timeout`, `http_<status>`,
-    /// `request`, `connection_dropped`, `incomplete_stream`, `malformed_sse`,
-    /// `stream_error`, `engine_rejected`, `engine_error`, `workload`.
+    /// `request`, `connection_dropped`, `incomplete_stream`, `no_finish_reason`,
+    /// `malformed_sse`, `stream_error`, `engine_rejected`, `engine_error`,
+    /// `workload`.
     pub kind: String,
     /// What the client saw (an error body, a transport error).
     pub message: String,
@@ -177,6 +178,11 @@ impl Recorder {
                 message: message.into(),
             });
         }
+    }
+
+    /// Whether a finish reason has arrived.
+    pub fn has_finish_reason(&self) -> bool {
+        self.finish_reason.is_some()
     }
 
     /// Whether a failure has been recorded.
