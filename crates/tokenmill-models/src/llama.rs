@@ -66,13 +66,7 @@ impl Linear {
             .iter()
             .map(|w| w.shape().dims2())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let k = dims.first().map_or(0, |d| d.1);
-        if dims.iter().any(|d| d.1 != k) {
-            return Err(ModelError::Metadata(format!(
-                "stacked layers of different input widths: {dims:?}"
-            )));
-        }
-        let widths: Vec<usize> = dims.iter().map(|d| d.0).collect();
+        let (k, widths) = stacked_widths(&dims)?;
         let bias = stacked_bias(biases, &widths, device)?;
         let weight = if device.is_cpu() {
             let n = widths.iter().sum();
@@ -115,13 +109,7 @@ impl Linear {
             .iter()
             .map(|w| w.dims2())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let k = dims.first().map_or(0, |d| d.1);
-        if dims.iter().any(|d| d.1 != k) {
-            return Err(ModelError::Metadata(format!(
-                "stacked layers of different input widths: {dims:?}"
-            )));
-        }
-        let widths: Vec<usize> = dims.iter().map(|d| d.0).collect();
+        let (_, widths) = stacked_widths(&dims)?;
         let bias = stacked_bias(biases, &widths, device)?;
         let mut weight = Tensor::cat(&weights, 0)?;
         if device.is_cpu() {
@@ -167,6 +155,18 @@ impl Linear {
         }
         Ok(parts)
     }
+}
+
+/// The common input width of stacked layers (`[n_i, k]` each) and their
+/// output widths; layers of different input widths cannot be stacked.
+fn stacked_widths(dims: &[(usize, usize)]) -> Result<(usize, Vec<usize>)> {
+    let k = dims.first().map_or(0, |d| d.1);
+    if dims.iter().any(|d| d.1 != k) {
+        return Err(ModelError::Metadata(format!(
+            "stacked layers of different input widths: {dims:?}"
+        )));
+    }
+    Ok((k, dims.iter().map(|d| d.0).collect()))
 }
 
 /// The biases of stacked layers, side by side, as f32 (zeros for a layer
