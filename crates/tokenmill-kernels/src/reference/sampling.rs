@@ -1,0 +1,1 @@
+// placeholder: the device sampler reference is being written.
