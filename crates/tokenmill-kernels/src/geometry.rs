@@ -43,7 +43,7 @@ fn round_up(n: usize, to: usize) -> usize {
 
 /// Checks a head width the attention kernels implement.
 pub fn check_head_dim(head_dim: usize) -> Result<()> {
-    if head_dim == 0 || head_dim > MAX_HEAD_DIM || head_dim % 2 != 0 {
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM || !head_dim.is_multiple_of(2) {
         return Err(KernelError::Unsupported(format!(
             "head width {head_dim} (even widths up to {MAX_HEAD_DIM})"
         )));
@@ -80,7 +80,9 @@ pub fn decode_plan(
 ) -> Result<DecodePlan> {
     check_head_dim(head_dim)?;
     if max_context == 0 {
-        return Err(KernelError::Invalid("a decode over an empty context".into()));
+        return Err(KernelError::Invalid(
+            "a decode over an empty context".into(),
+        ));
     }
     let mut partition_size = MAX_PARTITION;
     let blocks = |p: usize| num_heads * num_tokens * max_context.div_ceil(p);
@@ -106,7 +108,7 @@ pub fn decode_plan(
         merge: Launch {
             grid: (dim(num_heads, "heads")?, dim(num_tokens, "tokens")?, 1),
             block: ATTENTION_THREADS,
-            shared_bytes: (2 * num_partitions * 4) as u32,
+            shared_bytes: (num_partitions * 4) as u32,
         },
     })
 }
@@ -170,12 +172,11 @@ pub fn prefill_plan(meta: &PagedMeta, num_heads: usize, head_dim: usize) -> Resu
             first += len;
         }
     }
-    // Shared: the tile's queries, a tile of keys and of values (f32), and
-    // the scores of each query against the staged keys.
-    let shared = (PREFILL_QUERY_TILE * head_dim
-        + 2 * plan.kv_tile * head_dim
-        + PREFILL_QUERY_TILE * plan.kv_tile)
-        * 4;
+    // Shared: the tile's queries, a tile of keys (rows padded by one so
+    // that lane j reads key j without bank conflicts) and of values, in f32.
+    let shared =
+        (PREFILL_QUERY_TILE * head_dim + plan.kv_tile * (head_dim + 1) + plan.kv_tile * head_dim)
+            * 4;
     plan.launch = Launch {
         grid: (
             dim(plan.tile_seq.len(), "prefill tiles")?,
@@ -237,7 +238,10 @@ mod tests {
         assert!(16 * plan.num_partitions >= 2 * 132);
         // Short contexts stop at the minimum partition.
         let short = decode_plan(1, 1, 100, 64, 132).unwrap();
-        assert_eq!((short.partition_size, short.num_partitions), (MIN_PARTITION, 2));
+        assert_eq!(
+            (short.partition_size, short.num_partitions),
+            (MIN_PARTITION, 2)
+        );
     }
 
     #[test]
@@ -264,8 +268,16 @@ mod tests {
             16,
             4,
             [
-                ChunkSpec { num_tokens: 35, context_len: 40, block_table: &a },
-                ChunkSpec { num_tokens: 1, context_len: 9, block_table: &b },
+                ChunkSpec {
+                    num_tokens: 35,
+                    context_len: 40,
+                    block_table: &a,
+                },
+                ChunkSpec {
+                    num_tokens: 1,
+                    context_len: 9,
+                    block_table: &b,
+                },
             ],
         )
         .unwrap();

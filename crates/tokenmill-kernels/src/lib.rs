@@ -18,6 +18,7 @@ pub mod element;
 pub mod geometry;
 pub mod paged;
 pub mod reference;
+pub mod testing;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;

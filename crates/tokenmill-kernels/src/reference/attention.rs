@@ -78,8 +78,7 @@ fn decode_partition<T: Element>(
     token: usize,
     kv: usize,
     range: std::ops::Range<usize>,
-    k_cache: &[T],
-    v_cache: &[T],
+    (k_cache, v_cache): (&[T], &[T]),
 ) -> Partial {
     let seq = meta.token_seq[token] as usize;
     if range.is_empty() {
@@ -162,7 +161,15 @@ pub fn paged_decode<T: Element>(
                 .map(|p| {
                     let start = (p * plan.partition_size).min(context);
                     let end = ((p + 1) * plan.partition_size).min(context);
-                    decode_partition(meta, shape, &query, token, kv, start..end, k_cache, v_cache)
+                    decode_partition(
+                        meta,
+                        shape,
+                        &query,
+                        token,
+                        kv,
+                        start..end,
+                        (k_cache, v_cache),
+                    )
                 })
                 .collect();
             let result = if plan.num_partitions == 1 {
@@ -214,7 +221,10 @@ pub fn paged_prefill<T: Element>(
                     let scores: Vec<f32> = (start..end)
                         .map(|p| {
                             if p <= position {
-                                dot(&queries[i], cache_row(k_cache, shape, meta.slot(seq, p), kv))
+                                dot(
+                                    &queries[i],
+                                    cache_row(k_cache, shape, meta.slot(seq, p), kv),
+                                )
                             } else {
                                 f32::NEG_INFINITY
                             }
@@ -261,126 +271,37 @@ mod tests {
     use super::*;
     use crate::element::{max_relative_error, to_f32_vec};
     use crate::geometry::{decode_plan, prefill_plan};
-    use crate::paged::ChunkSpec;
+    use crate::testing::{
+        attention_case, attention_shapes, decode_sequences, dense_attention, prefill_sequences,
+        Rng, ATTENTION_OUTPUT_SCALE,
+    };
     use half::bf16;
-    use rand::rngs::StdRng;
-    use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
-
-    /// A random cache and batch: sequences of random lengths over shuffled
-    /// blocks, each bringing `new_tokens(seq)` tokens.
-    struct Case<T> {
-        meta: PagedMeta,
-        shape: AttentionShape,
-        q: Vec<T>,
-        k: Vec<T>,
-        v: Vec<T>,
-    }
-
-    fn case<T: Element>(
-        rng: &mut StdRng,
-        shape: AttentionShape,
-        block_size: usize,
-        contexts: &[(usize, usize)],
-    ) -> Case<T> {
-        let blocks_needed: usize = contexts.iter().map(|(c, _)| c.div_ceil(block_size)).sum();
-        let num_blocks = blocks_needed + 3;
-        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-        ids.shuffle(rng);
-        let mut tables = Vec::new();
-        let mut next = 0;
-        for (context, _) in contexts {
-            let n = context.div_ceil(block_size);
-            tables.push(ids[next..next + n].to_vec());
-            next += n;
-        }
-        let meta = PagedMeta::new(
-            block_size,
-            num_blocks,
-            contexts.iter().zip(&tables).map(|((c, n), t)| ChunkSpec {
-                num_tokens: *n,
-                context_len: *c,
-                block_table: t,
-            }),
-        )
-        .unwrap();
-        let mut random = |n: usize| -> Vec<T> {
-            (0..n).map(|_| T::from_f32(rng.random_range(-2.0..2.0))).collect()
-        };
-        let slots = num_blocks * block_size;
-        Case {
-            q: random(meta.num_tokens() * shape.q_row_stride),
-            k: random(slots * shape.kv_width()),
-            v: random(slots * shape.kv_width()),
-            meta,
-            shape,
-        }
-    }
-
-    /// Softmax attention in f64 over a gathered, contiguous context.
-    fn dense<T: Element>(c: &Case<T>) -> Vec<f32> {
-        let s = &c.shape;
-        let mut out = Vec::new();
-        for token in 0..c.meta.num_tokens() {
-            let seq = c.meta.token_seq[token] as usize;
-            let context = c.meta.positions[token] as usize + 1;
-            for head in 0..s.num_heads {
-                let kv = head / (s.num_heads / s.num_kv_heads);
-                let q: Vec<f64> = (0..s.head_dim)
-                    .map(|d| c.q[token * s.q_row_stride + head * s.head_dim + d].to_f32() as f64)
-                    .collect();
-                let row = |cache: &[T], p: usize| -> Vec<f64> {
-                    let at = c.meta.slot(seq, p) * s.kv_width() + kv * s.head_dim;
-                    cache[at..at + s.head_dim].iter().map(|v| v.to_f32() as f64).collect()
-                };
-                let scores: Vec<f64> = (0..context)
-                    .map(|p| {
-                        row(&c.k, p).iter().zip(&q).map(|(a, b)| a * b).sum::<f64>()
-                            / (s.head_dim as f64).sqrt()
-                    })
-                    .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
-                let total: f64 = weights.iter().sum();
-                let mut o = vec![0f64; s.head_dim];
-                for (p, w) in weights.iter().enumerate() {
-                    for (o, v) in o.iter_mut().zip(row(&c.v, p)) {
-                        *o += w * v / total;
-                    }
-                }
-                out.extend(o.iter().map(|x| *x as f32));
-            }
-        }
-        out
-    }
-
-    /// Outputs are convex combinations of values in [-2, 2]: errors are
-    /// measured relative to at least this, not to outputs that happen to
-    /// cancel to near zero.
-    const OUTPUT_SCALE: f32 = 0.25;
-
-    fn shapes() -> Vec<AttentionShape> {
-        vec![
-            // SmolLM2-135M: 9 heads over 3 kv heads of 64; q inside qkv rows.
-            AttentionShape { num_heads: 9, num_kv_heads: 3, head_dim: 64, q_row_stride: 9 * 64 + 2 * 3 * 64 },
-            // Multi-head, an odd width, a bare q.
-            AttentionShape { num_heads: 2, num_kv_heads: 2, head_dim: 6, q_row_stride: 12 },
-            // Wide heads, 4 queries per kv head.
-            AttentionShape { num_heads: 4, num_kv_heads: 1, head_dim: 256, q_row_stride: 4 * 256 },
-        ]
-    }
 
     fn check_decode<T: Element>(seed: u64, sms: usize) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        for shape in shapes() {
-            let contexts: Vec<(usize, usize)> =
-                (0..3).map(|_| (rng.random_range(1..1300), 1)).collect();
+        let mut rng = Rng::new(seed);
+        for shape in attention_shapes() {
+            let sequences = decode_sequences(&mut rng);
             for block_size in [1, 7, 16] {
-                let c = case::<T>(&mut rng, shape, block_size, &contexts);
-                let plan = decode_plan(shape.num_heads, c.meta.num_tokens(), c.meta.max_context, shape.head_dim, sms).unwrap();
-                let got = paged_decode(&c.meta, &shape, &plan, &c.q, &c.k, &c.v);
-                let err = max_relative_error(&to_f32_vec(&got), &dense(&c), OUTPUT_SCALE).unwrap();
-                assert!(err < T::TOLERANCE * 2.0, "{shape:?} blocks of {block_size}, {plan:?}: error {err}");
+                let c = attention_case::<T>(&mut rng, shape, block_size, &sequences);
+                let plan = decode_plan(
+                    shape.num_heads,
+                    c.meta.num_tokens(),
+                    c.meta.max_context,
+                    shape.head_dim,
+                    sms,
+                )
+                .unwrap();
+                let got = paged_decode(&c.meta, &shape, &plan, &c.q, &c.k_cache, &c.v_cache);
+                let err = max_relative_error(
+                    &to_f32_vec(&got),
+                    &dense_attention(&c),
+                    ATTENTION_OUTPUT_SCALE,
+                )
+                .unwrap();
+                assert!(
+                    err < T::TOLERANCE * 2.0,
+                    "seed {seed}: {shape:?} blocks of {block_size}, {plan:?}: error {err}"
+                );
             }
         }
     }
@@ -399,24 +320,23 @@ mod tests {
     }
 
     fn check_prefill<T: Element>(seed: u64) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        for shape in shapes() {
-            // A fresh prompt, a chunk after cached blocks, a decode token.
-            let contexts = [
-                (rng.random_range(1..70), 0),
-                (rng.random_range(40..200), rng.random_range(1..40)),
-                (rng.random_range(1..90), 1),
-            ];
-            let contexts: Vec<(usize, usize)> = contexts
-                .iter()
-                .map(|(c, n)| (*c, if *n == 0 { *c } else { *n }))
-                .collect();
+        let mut rng = Rng::new(seed);
+        for shape in attention_shapes() {
+            let sequences = prefill_sequences(&mut rng);
             for block_size in [1, 5, 16] {
-                let c = case::<T>(&mut rng, shape, block_size, &contexts);
+                let c = attention_case::<T>(&mut rng, shape, block_size, &sequences);
                 let plan = prefill_plan(&c.meta, shape.num_heads, shape.head_dim).unwrap();
-                let got = paged_prefill(&c.meta, &shape, &plan, &c.q, &c.k, &c.v);
-                let err = max_relative_error(&to_f32_vec(&got), &dense(&c), OUTPUT_SCALE).unwrap();
-                assert!(err < T::TOLERANCE * 2.0, "{shape:?} blocks of {block_size}: error {err}");
+                let got = paged_prefill(&c.meta, &shape, &plan, &c.q, &c.k_cache, &c.v_cache);
+                let err = max_relative_error(
+                    &to_f32_vec(&got),
+                    &dense_attention(&c),
+                    ATTENTION_OUTPUT_SCALE,
+                )
+                .unwrap();
+                assert!(
+                    err < T::TOLERANCE * 2.0,
+                    "seed {seed}: {shape:?} blocks of {block_size}: error {err}"
+                );
             }
         }
     }
@@ -434,12 +354,27 @@ mod tests {
     #[test]
     fn merging_skips_empty_partitions() {
         let partials = [
-            Partial { max: 1.0, sum: 2.0, out: vec![1.0, 3.0] },
-            Partial { max: f32::NEG_INFINITY, sum: 0.0, out: vec![0.0, 0.0] },
-            Partial { max: 1.0 + 2f32.ln(), sum: 1.0, out: vec![4.0, 0.0] },
+            Partial {
+                max: 1.0,
+                sum: 2.0,
+                out: vec![1.0, 3.0],
+            },
+            Partial {
+                max: f32::NEG_INFINITY,
+                sum: 0.0,
+                out: vec![0.0, 0.0],
+            },
+            Partial {
+                max: 1.0 + 2f32.ln(),
+                sum: 1.0,
+                out: vec![4.0, 0.0],
+            },
         ];
         // Weights 2 and 1 * e^(ln 2) = 2: the mean of the two outputs.
         let merged = merge_partials(&partials, 2);
-        assert!((merged[0] - 2.5).abs() < 1e-6 && (merged[1] - 1.5).abs() < 1e-6, "{merged:?}");
+        assert!(
+            (merged[0] - 2.5).abs() < 1e-6 && (merged[1] - 1.5).abs() < 1e-6,
+            "{merged:?}"
+        );
     }
 }

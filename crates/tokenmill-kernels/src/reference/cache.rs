@@ -3,26 +3,24 @@
 
 use crate::element::Element;
 
-/// `tm_write_kv`: row `t` of `k` and `v` (`kv_width` elements at
+/// `tm_write_cache`: row `t` of `src` (`width` elements at
 /// `t * src_stride`, so the fused qkv rows are read in place) goes to slot
-/// `slot_mapping[t]` of the caches (`[slots, kv_width]`).
+/// `slot_mapping[t]` of `cache` (`[slots, width]`). Keys and values are
+/// written by one call each.
 ///
 /// # Panics
 /// If a slot or a row lies outside its slice (callers build the mapping
 /// with [`crate::paged::PagedMeta`], which checks the block tables).
-pub fn write_kv<T: Element>(
+pub fn write_cache<T: Element>(
     slot_mapping: &[u32],
-    kv_width: usize,
-    k: &[T],
-    v: &[T],
+    width: usize,
+    src: &[T],
     src_stride: usize,
-    k_cache: &mut [T],
-    v_cache: &mut [T],
+    cache: &mut [T],
 ) {
     for (token, slot) in slot_mapping.iter().enumerate() {
-        let (src, dst) = (token * src_stride, *slot as usize * kv_width);
-        k_cache[dst..dst + kv_width].copy_from_slice(&k[src..src + kv_width]);
-        v_cache[dst..dst + kv_width].copy_from_slice(&v[src..src + kv_width]);
+        let (from, to) = (token * src_stride, *slot as usize * width);
+        cache[to..to + width].copy_from_slice(&src[from..from + width]);
     }
 }
 
@@ -50,8 +48,16 @@ mod tests {
             2,
             3,
             [
-                ChunkSpec { num_tokens: 3, context_len: 4, block_table: &a },
-                ChunkSpec { num_tokens: 1, context_len: 1, block_table: &b },
+                ChunkSpec {
+                    num_tokens: 3,
+                    context_len: 4,
+                    block_table: &a,
+                },
+                ChunkSpec {
+                    num_tokens: 1,
+                    context_len: 1,
+                    block_table: &b,
+                },
             ],
         )
         .unwrap();
@@ -64,10 +70,27 @@ mod tests {
             })
             .collect();
         let (mut k_cache, mut v_cache) = (vec![f32::NAN; 12], vec![f32::NAN; 12]);
-        write_kv(&meta.slot_mapping, 2, &qkv[1..], &qkv[3..], 5, &mut k_cache, &mut v_cache);
-        let k_expected = [10.0, 11.0, 20.0, 21.0, 30.0, 31.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN, 0.0, 1.0];
+        write_cache(&meta.slot_mapping, 2, &qkv[1..], 5, &mut k_cache);
+        write_cache(&meta.slot_mapping, 2, &qkv[3..], 5, &mut v_cache);
+        let k_expected = [
+            10.0,
+            11.0,
+            20.0,
+            21.0,
+            30.0,
+            31.0,
+            f32::NAN,
+            f32::NAN,
+            f32::NAN,
+            f32::NAN,
+            0.0,
+            1.0,
+        ];
         for (got, want) in k_cache.iter().zip(k_expected) {
-            assert!(got == &want || (got.is_nan() && want.is_nan()), "{k_cache:?}");
+            assert!(
+                got == &want || (got.is_nan() && want.is_nan()),
+                "{k_cache:?}"
+            );
         }
         assert_eq!(&v_cache[10..12], &[-0.0, -1.0]);
         assert_eq!(&v_cache[0..2], &[-10.0, -11.0]);
@@ -79,6 +102,9 @@ mod tests {
         copy_blocks(&[(0, 3), (2, 1)], 4, &mut cache);
         assert_eq!(&cache[12..16], &[0.0, 1.0, 2.0, 3.0]);
         assert_eq!(&cache[4..8], &[8.0, 9.0, 10.0, 11.0]);
-        assert_eq!(&cache[16..24], &(16..24).map(|x| x as f32).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            &cache[16..24],
+            &(16..24).map(|x| x as f32).collect::<Vec<_>>()[..]
+        );
     }
 }

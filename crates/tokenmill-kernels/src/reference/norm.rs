@@ -16,28 +16,30 @@ pub fn rms_norm<T: Element>(x: &[T], weight: &[T], eps: f32) -> Vec<T> {
     out
 }
 
-/// `tm_fused_add_rms_norm`: `residual += x` (stored in `T`, as the next
-/// layer reads it), then the RMSNorm of the new residual. Returns the norm.
+/// `tm_fused_add_rms_norm`: the new residual `residual + x` (stored in `T`,
+/// as the next layer reads it) and its RMSNorm, in that order.
 pub fn fused_add_rms_norm<T: Element>(
     x: &[T],
-    residual: &mut [T],
+    residual: &[T],
     weight: &[T],
     eps: f32,
-) -> Vec<T> {
+) -> (Vec<T>, Vec<T>) {
     let width = weight.len();
+    let mut new_residual = Vec::with_capacity(x.len());
     let mut out = Vec::with_capacity(x.len());
-    for (x, r) in x.chunks_exact(width).zip(residual.chunks_exact_mut(width)) {
+    for (x, r) in x.chunks_exact(width).zip(residual.chunks_exact(width)) {
         let sum: Vec<f32> = x
             .iter()
-            .zip(r.iter_mut())
+            .zip(r)
             .map(|(x, r)| {
-                *r = T::from_f32(r.to_f32() + x.to_f32());
-                r.to_f32()
+                let sum = T::from_f32(r.to_f32() + x.to_f32());
+                new_residual.push(sum);
+                sum.to_f32()
             })
             .collect();
         normalise_into(&sum, weight, eps, &mut out);
     }
-    out
+    (new_residual, out)
 }
 
 fn normalise_into<T: Element>(row: &[f32], weight: &[T], eps: f32, out: &mut Vec<T>) {
@@ -74,7 +76,9 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for (rows, width) in [(1, 1), (3, 7), (5, 576), (2, 4096), (1, 4097)] {
             let mut random = |n: usize, scale: f32| -> Vec<T> {
-                (0..n).map(|_| T::from_f32(rng.random_range(-scale..scale))).collect()
+                (0..n)
+                    .map(|_| T::from_f32(rng.random_range(-scale..scale)))
+                    .collect()
             };
             let x = random(rows * width, 3.0);
             let residual = random(rows * width, 3.0);
@@ -87,8 +91,8 @@ mod tests {
             let err = max_relative_error(&got, &want, 0.05).unwrap();
             assert!(err < T::TOLERANCE, "rms_norm {rows}x{width}: {err}");
 
-            let mut new_residual = residual.clone();
-            let got = to_f32_vec(&fused_add_rms_norm(&x, &mut new_residual, &weight, 1e-5));
+            let (new_residual, got) = fused_add_rms_norm(&x, &residual, &weight, 1e-5);
+            let got = to_f32_vec(&got);
             let sum: Vec<f64> = x
                 .iter()
                 .zip(&residual)
