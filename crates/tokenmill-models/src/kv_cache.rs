@@ -51,6 +51,11 @@ impl PagedKvCache {
         self.num_blocks
     }
 
+    /// The keys and values of `layer`, `[slots, kv_width]` each.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
     /// Writes the chunk's new keys and values (`[num_tokens, kv_width]`) into
     /// its slots of `layer`, one contiguous run per block touched.
     pub fn write(

@@ -17,6 +17,8 @@ pub mod cpu_attention;
 pub mod cpu_gemm;
 pub mod cpu_ops;
 pub mod cpu_pool;
+#[cfg(feature = "cuda")]
+pub mod cuda_ops;
 pub mod error;
 pub mod hf;
 pub mod kv_cache;

@@ -322,6 +322,10 @@ pub struct Llama {
     lm_head: Linear,
     rotary: Rotary,
     device: Device,
+    /// Our kernels, on a CUDA device (unless `TOKENMILL_GPU_KERNELS=0`
+    /// asks for candle's ops instead, to compare the two).
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda_ops::GpuKernels>,
 }
 
 /// Reads a GGUF file's tensors by name.
@@ -529,6 +533,12 @@ impl Llama {
         lm_head: Linear,
         device: &Device,
     ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let gpu = if std::env::var("TOKENMILL_GPU_KERNELS").is_ok_and(|v| v == "0") {
+            None
+        } else {
+            crate::cuda_ops::GpuKernels::new(device)?
+        };
         Ok(Llama {
             rotary: Rotary::new(&cfg, device)?,
             cfg,
@@ -537,6 +547,8 @@ impl Llama {
             final_norm,
             lm_head,
             device: device.clone(),
+            #[cfg(feature = "cuda")]
+            gpu,
         })
     }
 
@@ -570,6 +582,10 @@ impl Llama {
             cache.num_blocks(),
             self.cfg.context_length,
         )?;
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return self.forward_kernels(gpu, batch, cache);
+        }
         let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         let positions = batch.positions();
         // The CPU rotates in place by position; other devices gather tables.
@@ -599,6 +615,101 @@ impl Llama {
         let rows = self.logit_rows(&hidden, batch)?;
         let normed = self.final_norm.forward(&rows)?;
         self.lm_head.forward(&normed)
+    }
+
+    /// The forward on a CUDA device through our kernels: RMSNorm fused with
+    /// each residual add, the rotary embedding in place on the fused qkv
+    /// rows, keys and values written straight into their cache slots, paged
+    /// attention reading the cache through the block tables, and
+    /// SiLU-and-multiply on the fused gate|up rows; the matmuls are
+    /// candle's (cuBLAS, or its quantized kernels for GGUF weights).
+    #[cfg(feature = "cuda")]
+    fn forward_kernels(
+        &self,
+        gpu: &crate::cuda_ops::GpuKernels,
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+    ) -> Result<Tensor> {
+        use tokenmill_kernels::paged::{ChunkSpec, PagedMeta};
+        use tokenmill_kernels::reference::attention::AttentionShape;
+        use tokenmill_kernels::reference::rotary::RotaryStyle;
+
+        let cfg = &self.cfg;
+        let (q_width, kv_width) = (cfg.num_heads * cfg.head_dim, cfg.kv_width());
+        let shape = AttentionShape {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            q_row_stride: q_width + 2 * kv_width,
+        };
+        let meta = PagedMeta::new(
+            cache.block_size(),
+            cache.num_blocks(),
+            batch.chunks.iter().map(|c| ChunkSpec {
+                num_tokens: c.num_tokens,
+                context_len: c.context_len,
+                block_table: &c.block_table,
+            }),
+        )
+        .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
+        let meta = gpu.upload_meta(meta, &shape)?;
+        let style = if self.rotary.neox {
+            RotaryStyle::Neox
+        } else {
+            RotaryStyle::Interleaved
+        };
+        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let mut residual = self.embeddings.index_select(&tokens, 0)?;
+        // The last sublayer's output, added to the residual by the next norm.
+        let mut pending: Option<Tensor> = None;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let normed = match pending.take() {
+                None => gpu.rms_norm(&residual, &layer.attn_norm.weight, layer.attn_norm.eps)?,
+                Some(x) => {
+                    let (sum, normed) = gpu.fused_add_rms_norm(
+                        &x,
+                        &residual,
+                        &layer.attn_norm.weight,
+                        layer.attn_norm.eps,
+                    )?;
+                    residual = sum;
+                    normed
+                }
+            };
+            let qkv = layer.attn.qkv.forward(&normed)?.contiguous()?;
+            gpu.rotary_in_place(
+                &qkv,
+                cfg.num_heads + cfg.num_kv_heads,
+                cfg.head_dim,
+                &meta,
+                &self.rotary.cos,
+                &self.rotary.sin,
+                style,
+            )?;
+            let (k_cache, v_cache) = cache.layer(index);
+            gpu.write_cache(k_cache, &qkv, q_width, kv_width, &meta)?;
+            gpu.write_cache(v_cache, &qkv, q_width + kv_width, kv_width, &meta)?;
+            let attn = gpu.paged_attention(&meta, &shape, &qkv, k_cache, v_cache)?;
+            let attn = layer.attn.o.forward(&attn)?;
+            let (sum, normed) = gpu.fused_add_rms_norm(
+                &attn,
+                &residual,
+                &layer.mlp_norm.weight,
+                layer.mlp_norm.eps,
+            )?;
+            residual = sum;
+            let gate_up = layer.mlp.gate_up.forward(&normed)?.contiguous()?;
+            pending = Some(layer.mlp.down.forward(&gpu.silu_and_mul(&gate_up)?)?);
+        }
+        let normed = match pending {
+            Some(x) => {
+                gpu.fused_add_rms_norm(&x, &residual, &self.final_norm.weight, self.final_norm.eps)?
+                    .1
+            }
+            None => gpu.rms_norm(&residual, &self.final_norm.weight, self.final_norm.eps)?,
+        };
+        let rows = self.logit_rows(&normed, batch)?;
+        self.lm_head.forward(&rows)
     }
 
     /// The hidden states whose logits were asked for.
