@@ -12,7 +12,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tokenmill_models::{ChatTemplate, PagedKvCache};
+use tokenmill_models::{ChatTemplate, ForwardBatch, LogitRows, PagedKvCache};
 use tokenmill_models::{Llama, LoadedModel, ModelError, ModelTokenizer, TemplateMessage};
 use tokenmill_protocol::{
     ChatMessage, EngineClient, EventSink, FinishReason, GenerateRequest, MeterSink, ModelInfo,
@@ -134,6 +134,7 @@ impl Engine {
         let context_length = model.config().context_length;
         let vocab_size = model.config().vocab_size;
         let cache = model.new_kv_cache(config.block_size, config.num_blocks)?;
+        warm_up(&model, &cache)?;
         let tokenizer = Arc::new(tokenizer);
         let (commands, receiver) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
@@ -402,6 +403,32 @@ impl StepLoop {
             }
         }
     }
+}
+
+/// Runs a 2-token prefill and a decode step through the model before the
+/// engine takes requests, over the first cache blocks (free at start: a
+/// sequence that gets them later overwrites every slot before reading it).
+/// On a GPU this loads every kernel a request needs (candle's PTX is
+/// compiled by the driver on first use, seconds on a fresh machine), so the
+/// first request does not pay for it.
+fn warm_up(model: &Llama, cache: &PagedKvCache) -> Result<(), ModelError> {
+    let blocks = 3usize.div_ceil(cache.block_size());
+    if blocks > cache.num_blocks() || model.config().context_length < 3 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut prefill = ForwardBatch::default();
+    prefill.push(&[0, 0], 2, table.clone(), LogitRows::Last);
+    model.forward(&prefill, cache)?;
+    let mut decode = ForwardBatch::default();
+    decode.push(&[0], 3, table, LogitRows::Last);
+    model.forward(&decode, cache)?.to_vec2::<f32>()?;
+    tracing::info!(
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "warm-up forward done"
+    );
+    Ok(())
 }
 
 fn logit_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
