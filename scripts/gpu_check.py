@@ -5,11 +5,16 @@ Run by scripts/gpu-check.sh (see there for the arguments). Every step records it
 error and the run goes on, so one call of the device tool brings back everything it could measure.
 
 Correctness
+  kernels   every CUDA kernel (kernels/) against its CPU reference on fresh random inputs, f32, bf16
+            and f16, several shapes (`tokenmill gpu kernels`).
   smollm2   SmolLM2 (GGUF) greedy on --device against the CPU: the same tokens up to the first step
             where the CPU's top-1/top-2 logprob margin is under 0.5.
   random    A small Llama and Qwen2 with random bf16 weights (`tokenmill model random-weights`):
             tokenmill's logits on --device within 1e-2 (relative to the row's largest) of
-            transformers' on the same safetensors.
+            transformers' on the same safetensors; once through our kernels and once through
+            candle's ops (TOKENMILL_GPU_KERNELS=0), so a kernel bug shows as a gap between the two.
+  coldstart time from `serve` to the first token with an empty CUDA JIT cache (a fresh machine),
+            then again with the cache the first start filled (a warm one).
 Speed (Llama-3-8B's architecture with random bf16 weights, `serve --random-weights`)
   bandwidth the device's copy bandwidth (PyTorch, in the same run): the roofline's denominator.
   decode    batch-1 decode tok/s (1 / median TPOT) and its share of the roofline
@@ -165,20 +170,73 @@ def check_random(args: argparse.Namespace) -> dict[str, Any]:
         (work / "config.json").write_text(json.dumps(config))
         run([str(args.bin), "model", "random-weights", "--config", str(work / "config.json"), "--seed", "1",
              "--dtype", "bf16", "--out", str(work / "model")])
-        ours = json.loads(run([str(args.bin), "model", "logits", "--model", str(work / "model"), "--device",
-                               args.device, "--tokens", ",".join(map(str, tokens))]))["logits"]
         torch_device = "cpu" if args.device == "cpu" else "cuda"
         dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
         model = transformers.AutoModelForCausalLM.from_pretrained(work / "model", torch_dtype=dtype)
         model = model.to(torch_device).eval()
         with torch.no_grad():
             theirs = model(torch.tensor([tokens], device=torch_device)).logits[0].float().cpu().tolist()
-        worst = 0.0
-        for row, ref in zip(ours, theirs):
-            scale = max(abs(x) for x in ref)
-            worst = max(worst, max(abs(a - b) for a, b in zip(row, ref)) / scale)
-        results[arch] = {"max_relative_error": worst, "pass": worst < 1e-2}
+        # Our kernels on one prefill, and on a prefill of 40 tokens then decode steps; candle's ops.
+        paths = {"kernels": ({}, []), "kernels_decode": ({}, ["--decode-from", "40"]),
+                 "candle_ops": ({"TOKENMILL_GPU_KERNELS": "0"}, [])}
+        for path, (env, extra) in paths.items():
+            ours = json.loads(run([str(args.bin), "model", "logits", "--model", str(work / "model"), "--device",
+                                   args.device, "--tokens", ",".join(map(str, tokens)), *extra], env=env))["logits"]
+            worst = 0.0
+            for row, ref in zip(ours, theirs):
+                scale = max(abs(x) for x in ref)
+                worst = max(worst, max(abs(a - b) for a, b in zip(row, ref)) / scale)
+            results[f"{arch}_{path}"] = {"max_relative_error": worst, "pass": worst < 1e-2}
     return {"pass": all(r["pass"] for r in results.values()), **results}
+
+
+def check_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    if args.device == "cpu":
+        return {"skipped": "cpu"}
+    path = args.out / "kernels.json"
+    done = subprocess.run([str(args.bin), "gpu", "kernels", "--device", args.device, "--json", str(path)],
+                          capture_output=True, text=True, timeout=1200)
+    (args.out / "kernels.log").write_text(done.stdout + done.stderr)
+    reports = json.loads(path.read_text()) if path.exists() else []
+    failed = [r for r in reports if not r.get("passed")]
+    worst: dict[str, float] = {}
+    for r in reports:
+        key = f"{r['kernel']}/{r['dtype']}"
+        if r.get("max_error") is not None:
+            worst[key] = max(worst.get(key, 0.0), r["max_error"])
+    return {"pass": done.returncode == 0 and bool(reports) and not failed, "checks": len(reports),
+            "failed": failed[:20], "worst_error": worst, "summary": done.stdout.strip().splitlines()[-1:]}
+
+
+def time_to_first_token(args: argparse.Namespace, name: str, env: dict[str, str]) -> dict[str, Any]:
+    """Seconds from spawning `serve` to the end of a 1-token completion."""
+    started = time.monotonic()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        server = Server(args, name, ["--model", args.smollm2, "--device", args.device])
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        ready = time.monotonic() - started
+        server.post("/v1/completions", {"model": "m", "prompt": "Hello", "max_tokens": 1, "temperature": 0})
+        first = time.monotonic() - started
+        warm_up = re.search(r"warm-up forward done\S*\s+ms\S*?=\S*?([0-9.]+)", server.log_text())
+    finally:
+        server.stop()
+    return {"ready_s": round(ready, 2), "first_token_s": round(first, 2),
+            "warm_up_forward_ms": float(warm_up.group(1)) if warm_up else None}
+
+
+def coldstart(args: argparse.Namespace) -> dict[str, Any]:
+    cache = Path(tempfile.mkdtemp(prefix="gpu-check-jit-cache-"))
+    env = {"CUDA_CACHE_PATH": str(cache)}
+    return {"jit_cache": str(cache), "fresh": time_to_first_token(args, "cold-fresh", env),
+            "warm": time_to_first_token(args, "cold-warm", env)}
 
 
 def bandwidth(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,8 +317,9 @@ def summarize_levels(bench: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(argv: list[str], timeout: float = 600) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def run(argv: list[str], timeout: float = 600, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} exited {done.returncode}: {done.stderr[-2000:]}")
     return done.stdout
@@ -280,9 +339,14 @@ def step(results: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"- date {results['date']}; {results.get('gpu', 'no GPU')}; command `{results['command']}`", ""]
     lines += ["| check | result |", "|---|---|"]
-    for name in ("smollm2", "random"):
+    for name in ("kernels", "smollm2", "random"):
         r = results.get(name, {})
         lines.append(f"| {name} | {'error: ' + r['error'][:80] if 'error' in r else ('pass' if r.get('pass') else 'FAIL')} |")
+    cold = results.get("coldstart", {})
+    for which in ("fresh", "warm"):
+        if which in cold:
+            lines.append(f"| serve to first token, {which} JIT cache | {cold[which]['first_token_s']:.2f} s "
+                         f"(ready {cold[which]['ready_s']:.2f} s) |")
     bw = results.get("bandwidth", {})
     if "gb_per_s" in bw:
         lines.append(f"| copy bandwidth | {bw['gb_per_s']:.0f} GB/s |")
@@ -309,7 +373,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--level-seconds", type=float, default=60.0, help="bench time per concurrency level")
     parser.add_argument("--start-timeout", type=float, default=600.0)
-    parser.add_argument("--only", default="smollm2,random,bandwidth,speed")
+    parser.add_argument("--only", default="kernels,smollm2,random,coldstart,bandwidth,speed")
     parser.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU: tests this script")
     args = parser.parse_args()
     if args.dry_run_cpu:
@@ -322,7 +386,8 @@ def main() -> int:
     if gpu is not None and gpu.returncode == 0:
         results["gpu"] = gpu.stdout.strip()
     only = set(args.only.split(","))
-    for name, fn in (("smollm2", lambda: check_smollm2(args)), ("random", lambda: check_random(args)),
+    for name, fn in (("kernels", lambda: check_kernels(args)), ("smollm2", lambda: check_smollm2(args)),
+                     ("random", lambda: check_random(args)), ("coldstart", lambda: coldstart(args)),
                      ("bandwidth", lambda: bandwidth(args)), ("speed", lambda: speed(args, results))):
         if name in only:
             step(results, name, fn)
@@ -330,7 +395,8 @@ def main() -> int:
     table = markdown(results)
     (args.out / "gpu-check.md").write_text(table + "\n")
     print(table)
-    failed = [n for n in ("smollm2", "random") if n in results and not results[n].get("pass")]
+    failed = [n for n in ("kernels", "smollm2", "random") if n in results and not results[n].get("pass")
+              and not results[n].get("skipped")]
     return 1 if failed or any("error" in results[n] for n in results if isinstance(results[n], dict)) else 0
 
 

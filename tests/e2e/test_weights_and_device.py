@@ -96,6 +96,23 @@ def test_model_logits_of_a_hugging_face_directory_match_transformers() -> None:
         assert max(abs(a - b) for a, b in zip(row, theirs)) / scale < 1e-4
 
 
+def test_decode_steps_give_the_logits_of_one_prefill() -> None:
+    """`--decode-from`: 20 tokens fed one per forward (the decode path, gpu-check's `kernels_decode`)
+    give transformers' logits, as one prefill does; `--decode-from` outside 1..=len is refused."""
+    reference = json.loads((TINY / "tiny-qwen2" / "reference.json").read_text())
+    tokens = ",".join(map(str, reference["tokens"]))
+    start = max(1, len(reference["tokens"]) - 20)
+    stepped = _logits("--model", str(TINY / "tiny-qwen2"), "--tokens", tokens, "--decode-from", str(start))
+    assert len(stepped) == len(reference["logits"])
+    for row, theirs in zip(stepped, reference["logits"]):
+        scale = max(abs(x) for x in theirs)
+        assert max(abs(a - b) for a, b in zip(row, theirs)) / scale < 1e-4
+    bad = subprocess.run([str(server_binary()), "model", "logits", "--device", "cpu", "--model",
+                          str(TINY / "tiny-qwen2"), "--tokens", tokens, "--decode-from", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--decode-from 0" in bad.stderr
+
+
 def test_random_weights_written_as_safetensors_are_the_same_model(tmp_path: Path) -> None:
     """The directory `model random-weights` writes loads back as the model `--random-weights` builds."""
     config = tmp_path / "config.json"

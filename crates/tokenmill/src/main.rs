@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod device;
+mod gpu_cli;
 mod ledger_cli;
 mod ledger_metrics;
 mod model_cli;
@@ -54,6 +55,8 @@ enum Command {
     /// Model tools for checks against other implementations: random
     /// weights as safetensors, logits as JSON.
     Model(model_cli::ModelArgs),
+    /// Checks that need a GPU: each CUDA kernel against its CPU reference.
+    Gpu(gpu_cli::GpuArgs),
 }
 
 /// Parses the command line, with `serve`'s environment variables and config
@@ -93,5 +96,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Settle(args) => settle_cli::run(args),
         Command::Model(args) => model_cli::run(args),
+        Command::Gpu(args) => gpu_cli::run(args),
     }
 }

@@ -58,6 +58,10 @@ enum ModelCommand {
         /// Every position's row, or only the last one's.
         #[arg(long)]
         last_only: bool,
+        /// Prefill the tokens before this index in one forward, then feed
+        /// the rest one per forward (the decode path; default: one prefill).
+        #[arg(long)]
+        decode_from: Option<usize>,
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
@@ -79,6 +83,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             seed,
             tokens,
             last_only,
+            decode_from,
             device,
         } => print_logits(
             model.as_deref(),
@@ -86,6 +91,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             seed,
             &tokens,
             last_only,
+            decode_from,
             device,
         ),
     }
@@ -135,6 +141,7 @@ fn print_logits(
     seed: u64,
     tokens: &[u32],
     last_only: bool,
+    decode_from: Option<usize>,
     choice: DeviceChoice,
 ) -> anyhow::Result<()> {
     let (device, device_name) = device::open(choice)?;
@@ -174,20 +181,37 @@ fn print_logits(
             network.config().vocab_size
         );
     }
+    let prefill_len = decode_from.unwrap_or(tokens.len());
+    if prefill_len == 0 || prefill_len > tokens.len() {
+        bail!("--decode-from {prefill_len}: give 1 to {}", tokens.len());
+    }
     const BLOCK_SIZE: usize = 16;
     let blocks = tokens.len().div_ceil(BLOCK_SIZE);
     let cache = network.new_kv_cache(BLOCK_SIZE, blocks)?;
-    let mut batch = ForwardBatch::default();
+    // Blocks in reverse order: the paged attention must follow the table.
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let rows = if last_only {
         LogitRows::Last
     } else {
         LogitRows::All
     };
-    batch.push(tokens, tokens.len(), (0..blocks as u32).collect(), rows);
-    let logits: Vec<Vec<f32>> = network
-        .forward(&batch, &cache)?
-        .to_dtype(DType::F32)?
-        .to_vec2()?;
+    let run = |chunk: &[u32], context: usize, rows: LogitRows| -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut batch = ForwardBatch::default();
+        batch.push(chunk, context, table.clone(), rows);
+        Ok(network
+            .forward(&batch, &cache)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?)
+    };
+    let mut logits = run(&tokens[..prefill_len], prefill_len, rows)?;
+    for position in prefill_len..tokens.len() {
+        let row = run(&tokens[position..=position], position + 1, LogitRows::Last)?;
+        if last_only {
+            logits = row;
+        } else {
+            logits.extend(row);
+        }
+    }
     let out = serde_json::json!({
         "device": device_name,
         "tokens": tokens,
