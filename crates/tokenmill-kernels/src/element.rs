@@ -86,7 +86,10 @@ mod tests {
     fn bf16_rounds_to_nearest_even() {
         // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to even (1).
         assert_eq!(bf16::from_f32(1.0 + 1.0 / 256.0).to_f32(), 1.0);
-        assert_eq!(bf16::from_f32(1.0 + 3.0 / 256.0).to_f32(), 1.0 + 4.0 / 256.0);
+        assert_eq!(
+            bf16::from_f32(1.0 + 3.0 / 256.0).to_f32(),
+            1.0 + 4.0 / 256.0
+        );
     }
 
     #[test]

@@ -92,14 +92,20 @@ impl PagedMeta {
                     chunk.context_len
                 )));
             }
-            if let Some(bad) = chunk.block_table.iter().find(|b| **b as usize >= num_blocks) {
+            if let Some(bad) = chunk
+                .block_table
+                .iter()
+                .find(|b| **b as usize >= num_blocks)
+            {
                 return Err(KernelError::Invalid(format!(
                     "sequence {seq}: block {bad} outside a cache of {num_blocks}"
                 )));
             }
             meta.block_tables.extend_from_slice(chunk.block_table);
-            meta.block_tables
-                .resize(meta.block_tables.len() + max_blocks - chunk.block_table.len(), 0);
+            meta.block_tables.resize(
+                meta.block_tables.len() + max_blocks - chunk.block_table.len(),
+                0,
+            );
             meta.context_lens.push(chunk.context_len as u32);
             let start = chunk.context_len - chunk.num_tokens;
             for position in start..chunk.context_len {
@@ -159,8 +165,7 @@ mod tests {
     fn a_mixed_batch_flattens_in_chunk_order() {
         // A decode token at position 5 (blocks [3, 1] of 4) and a prefill
         // chunk of 3 tokens at positions 2..5 (blocks [0, 2]).
-        let meta =
-            PagedMeta::new(4, 4, [spec(1, 6, &[3, 1]), spec(3, 5, &[0, 2])]).unwrap();
+        let meta = PagedMeta::new(4, 4, [spec(1, 6, &[3, 1]), spec(3, 5, &[0, 2])]).unwrap();
         assert_eq!(meta.max_blocks, 2);
         assert_eq!(meta.block_tables, vec![3, 1, 0, 2]);
         assert_eq!(meta.context_lens, vec![6, 5]);
@@ -180,7 +185,11 @@ mod tests {
         let meta = PagedMeta::new(
             2,
             8,
-            [spec(1, 2, tables[0]), spec(1, 6, tables[1]), spec(1, 3, tables[2])],
+            [
+                spec(1, 2, tables[0]),
+                spec(1, 6, tables[1]),
+                spec(1, 3, tables[2]),
+            ],
         )
         .unwrap();
         assert!(meta.is_decode_only());

@@ -59,7 +59,9 @@ mod tests {
             let half = head_dim / 2;
             let max_pos = 300;
             let theta: Vec<f64> = (0..max_pos * half)
-                .map(|i| (i / half) as f64 * 10000f64.powf(-2.0 * (i % half) as f64 / head_dim as f64))
+                .map(|i| {
+                    (i / half) as f64 * 10000f64.powf(-2.0 * (i % half) as f64 / head_dim as f64)
+                })
                 .collect();
             let cos: Vec<f32> = theta.iter().map(|t| t.cos() as f32).collect();
             let sin: Vec<f32> = theta.iter().map(|t| t.sin() as f32).collect();
@@ -67,9 +69,13 @@ mod tests {
             let original: Vec<T> = (0..tokens * stride)
                 .map(|_| T::from_f32(rng.random_range(-4.0..4.0)))
                 .collect();
-            let positions: Vec<u32> = (0..tokens).map(|_| rng.random_range(0..max_pos as u32)).collect();
+            let positions: Vec<u32> = (0..tokens)
+                .map(|_| rng.random_range(0..max_pos as u32))
+                .collect();
             let mut rows = original.clone();
-            rotate(&mut rows, stride, heads, head_dim, &positions, &cos, &sin, style);
+            rotate(
+                &mut rows, stride, heads, head_dim, &positions, &cos, &sin, style,
+            );
             for (t, p) in positions.iter().enumerate() {
                 // Elements past the heads are untouched.
                 let tail = t * stride + heads * head_dim..(t + 1) * stride;
@@ -81,12 +87,18 @@ mod tests {
                             RotaryStyle::Interleaved => (2 * i, 2 * i + 1),
                         };
                         let at = t * stride + h * head_dim;
-                        let (u, v) = (original[at + a].to_f32() as f64, original[at + b].to_f32() as f64);
+                        let (u, v) = (
+                            original[at + a].to_f32() as f64,
+                            original[at + b].to_f32() as f64,
+                        );
                         let th = theta[*p as usize * half + i];
                         let want = [u * th.cos() - v * th.sin(), u * th.sin() + v * th.cos()];
                         for (got, want) in [rows[at + a], rows[at + b]].iter().zip(want) {
                             let err = (got.to_f32() as f64 - want).abs() / want.abs().max(0.05);
-                            assert!(err < T::TOLERANCE as f64 * 4.0, "{style:?} token {t} head {h} pair {i}: {err}");
+                            assert!(
+                                err < T::TOLERANCE as f64 * 4.0,
+                                "{style:?} token {t} head {h} pair {i}: {err}"
+                            );
                         }
                     }
                 }
