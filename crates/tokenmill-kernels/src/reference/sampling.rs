@@ -1,1 +1,1000 @@
-// placeholder: the device sampler reference is being written.
+//! Sampling: the CPU reference of `kernels/sampling.cu`, bit-exact with it.
+//!
+//! Per row of logits `l` (f32, `vocab` wide) and its [`SamplingParamsRow`]:
+//!
+//! 1. Greedy (`temperature <= 0`): the argmax of `l`, lowest index on ties.
+//! 2. Otherwise `z_i = (l_i - max l) / temperature` (so `z <= 0`, and the
+//!    largest is exactly `+0`).
+//! 3. top-k (`0 < k < vocab`): keep `z_i >= τ_k`, the k-th largest z (ties at
+//!    the threshold are all kept). τ_k is found without sorting, by
+//!    bisection over [`order_key`]: the largest key that at least k keys
+//!    reach.
+//! 4. top-p (`top_p < 1`): with `S` the mass `Σ e^z` of the kept tokens,
+//!    keep also `z_i >= τ_p`, the largest threshold whose kept mass at or
+//!    above it is still `>= top_p * S` (again a bisection over keys).
+//! 5. Gumbel-max: the token is the argmax over kept `i` of `z_i + g_i`, with
+//!    `g_i = -ln(-ln u_i)` and `u_i` = [`uniform`]`(seed, step, i)`, a
+//!    counter-based hash: a draw depends on nothing but the row's inputs, so
+//!    a replay (or a preempted and recomputed sequence) draws the same token.
+//! 6. Log-probabilities of the model's own distribution (log_softmax of `l`,
+//!    no temperature): the chosen token's, and the top `num_logprobs`
+//!    (descending, lowest index first on ties).
+//!
+//! Why bit-exact rather than close: a top-p boundary or a Gumbel near tie
+//! that flipped between GPU and reference would make the GPU check flaky.
+//! So both use the same exp and log ([`portable_exp`], [`portable_ln`]:
+//! FreeBSD's expf and logf, under one ulp, each operation rounded on its
+//! own), and this file replays the kernel's order of float additions
+//! (`Block`). Max, argmax and counts do not depend on order.
+//!
+//! Inputs that would poison the arithmetic are defined, not refused: a NaN
+//! logit is an impossible token (`-inf`), `+inf` is `f32::MAX`, a row with
+//! no finite logit is uniform. Parameters that have no meaning (a NaN or
+//! infinite temperature, a NaN top_p, more than 20 logprobs) are refused by
+//! [`validate`].
+//!
+//! The randomness: 23 bits per token, so `u` and `1 - u` are exact and `g`
+//! lies in [-2.80, 16.6]. A token more than 19.4 below the best (in `z`) can
+//! therefore never be drawn; its true probability is under 4e-9 per token.
+
+use crate::{KernelError, Result};
+
+/// The width of the top-logprob outputs per row: rows ask for 0..=20
+/// alternatives (the most the OpenAI API lets a client ask for).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// The id in unused top-logprob slots of the kernel's outputs.
+pub const NO_TOKEN: u32 = u32::MAX;
+/// The kernel's largest block.
+pub const MAX_THREADS: u32 = 1024;
+
+const WARP: usize = 32;
+/// The order key of `+0.0`, the largest a scaled logit can have.
+const KEY_OF_ZERO: u32 = 0x8000_0000;
+const STEP_SALT: u64 = 0x6a09_e667_f3bc_c909;
+const INDEX_MUL: u64 = 0xd1b5_4a32_d192_ed03;
+
+/// One row's sampling parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplingParamsRow {
+    /// `<= 0`: greedy. Must be finite.
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 (or `>= vocab`): off.
+    pub top_k: u32,
+    /// Keep the smallest set of most likely tokens holding this share of the
+    /// mass; `>= 1`: off. Must not be NaN.
+    pub top_p: f32,
+    /// The sequence's seed.
+    pub seed: u64,
+    /// The row's counter (the sequence's position): one draw per step.
+    pub step: u64,
+    /// How many top alternatives to report, 0..=20.
+    pub num_logprobs: u32,
+}
+
+impl Default for SamplingParamsRow {
+    /// Greedy, no logprobs.
+    fn default() -> Self {
+        SamplingParamsRow {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            step: 0,
+            num_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParamsRow {
+    /// Refuses parameters that have no meaning.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() {
+            return Err(KernelError::Invalid(format!(
+                "temperature {} is not finite",
+                self.temperature
+            )));
+        }
+        if self.top_p.is_nan() {
+            return Err(KernelError::Invalid("top_p is NaN".into()));
+        }
+        if self.num_logprobs as usize > MAX_TOP_LOGPROBS {
+            return Err(KernelError::Invalid(format!(
+                "{} logprobs asked, at most {MAX_TOP_LOGPROBS}",
+                self.num_logprobs
+            )));
+        }
+        Ok(())
+    }
+
+    /// The kernel's `TmSamplingParams`: 8 little-endian u32 words
+    /// (temperature, top_k, top_p, num_logprobs, seed lo/hi, step lo/hi).
+    pub fn encode(&self) -> [u32; 8] {
+        [
+            self.temperature.to_bits(),
+            self.top_k,
+            self.top_p.to_bits(),
+            self.num_logprobs,
+            self.seed as u32,
+            (self.seed >> 32) as u32,
+            self.step as u32,
+            (self.step >> 32) as u32,
+        ]
+    }
+}
+
+/// One row's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampledRow {
+    /// The chosen token.
+    pub token: u32,
+    /// Its log-probability under the model's distribution (no temperature).
+    pub logprob: f32,
+    /// The `min(num_logprobs, vocab)` most likely tokens and their
+    /// log-probabilities, descending, lowest index first on ties.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl SampledRow {
+    /// A row from the kernel's outputs: `top_ids` and `top_logprobs` are the
+    /// row's 20 slots, of which the first `num_logprobs` that name a token
+    /// are kept.
+    pub fn from_outputs(
+        token: u32,
+        logprob: f32,
+        top_ids: &[u32],
+        top_logprobs: &[f32],
+        num_logprobs: u32,
+    ) -> Self {
+        let top = top_ids
+            .iter()
+            .zip(top_logprobs)
+            .take(num_logprobs as usize)
+            .take_while(|(id, _)| **id != NO_TOKEN)
+            .map(|(id, lp)| (*id, *lp))
+            .collect();
+        SampledRow {
+            token,
+            logprob,
+            top,
+        }
+    }
+
+    /// Whether two rows are the same to the bit (`==` on f32 would call -0
+    /// and +0 equal and NaN unequal to itself).
+    pub fn bit_eq(&self, other: &SampledRow) -> bool {
+        let bits = |r: &SampledRow| {
+            let top: Vec<_> = r.top.iter().map(|(id, lp)| (*id, lp.to_bits())).collect();
+            (r.token, r.logprob.to_bits(), top)
+        };
+        bits(self) == bits(other)
+    }
+}
+
+/// How `tm_sample_f32` is launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SamplingGeometry {
+    /// Blocks: one per row.
+    pub grid: u32,
+    /// Threads per block: a whole number of warps, no more than the row
+    /// needs, at most 1024.
+    pub threads: u32,
+    /// Dynamic shared memory: none (the reduction scratch is static).
+    pub shared_bytes: u32,
+}
+
+/// The launch of `rows` rows of `vocab` logits. The block size also fixes
+/// the order of the kernel's float sums, which the reference replays.
+pub fn sampling_geometry(rows: usize, vocab: usize) -> Result<SamplingGeometry> {
+    if vocab == 0 {
+        return Err(KernelError::Invalid("empty vocabulary".into()));
+    }
+    // Token ids are u32 with u32::MAX reserved; grid.x is at most 2^31 - 1.
+    if vocab > i32::MAX as usize {
+        return Err(KernelError::Unsupported(format!("vocabulary of {vocab}")));
+    }
+    let grid = u32::try_from(rows)
+        .ok()
+        .filter(|r| *r <= i32::MAX as u32)
+        .ok_or_else(|| KernelError::Unsupported(format!("{rows} rows in one launch")))?;
+    let threads = (vocab.div_ceil(WARP) * WARP).min(MAX_THREADS as usize) as u32;
+    Ok(SamplingGeometry {
+        grid,
+        threads,
+        shared_bytes: 0,
+    })
+}
+
+/// Checks a call before it is computed or launched: the shapes, the
+/// vocabulary's limits and every row's parameters.
+pub fn validate(logits_len: usize, vocab: usize, params: &[SamplingParamsRow]) -> Result<()> {
+    sampling_geometry(params.len(), vocab)?;
+    if params.len().checked_mul(vocab) != Some(logits_len) {
+        return Err(KernelError::Invalid(format!(
+            "{logits_len} logits for {} rows of {vocab}",
+            params.len()
+        )));
+    }
+    params.iter().try_for_each(SamplingParamsRow::validate)
+}
+
+/// Samples every row of `logits` (`[params.len(), vocab]`, row-major), as
+/// the kernel does, to the bit.
+pub fn sample_rows(
+    logits: &[f32],
+    vocab: usize,
+    params: &[SamplingParamsRow],
+) -> Result<Vec<SampledRow>> {
+    validate(logits.len(), vocab, params)?;
+    let geometry = sampling_geometry(params.len(), vocab)?;
+    let block = Block {
+        threads: geometry.threads as usize,
+    };
+    Ok(logits
+        .chunks_exact(vocab)
+        .zip(params)
+        .map(|(row, p)| sample_row(row, p, &block))
+        .collect())
+}
+
+fn sample_row(row: &[f32], p: &SamplingParamsRow, block: &Block) -> SampledRow {
+    let vocab = row.len();
+    // 1. The largest logit (and the uniform case).
+    let prepared = Prepared::new(row);
+    let (m, logit) = (prepared.max, |i: usize| prepared.logit(i));
+
+    // 2. The log-softmax normaliser.
+    let log_norm = portable_ln(block.sum(vocab, |i| portable_exp(logit(i) - m)));
+
+    // 3. The token.
+    // (validate refused a NaN temperature)
+    let chosen = if p.temperature <= 0.0 {
+        argmax(vocab, |i| Some(logit(i)))
+    } else {
+        let cut = prepared.cut(p, block);
+        let key = row_key(p.seed, p.step);
+        argmax(vocab, |i| {
+            let z = prepared.scaled(i, p.temperature);
+            (order_key(z) >= cut).then(|| z + gumbel_at(key, i as u32))
+        })
+    };
+    // Never None (the row's max is always kept); the kernel writes the same.
+    let (token, logprob) = match chosen {
+        Some((_, i)) => (i, (logit(i as usize) - m) - log_norm),
+        None => (NO_TOKEN, f32::NEG_INFINITY),
+    };
+
+    // 4. The top alternatives, by rounds of "the best below the last taken".
+    let mut top = Vec::new();
+    let mut previous: Option<(f32, u32)> = None;
+    for _ in 0..(p.num_logprobs as usize).min(MAX_TOP_LOGPROBS) {
+        let found = argmax(vocab, |i| {
+            let v = logit(i);
+            let below = match previous {
+                None => true,
+                Some((pv, pi)) => v < pv || (v == pv && i as u32 > pi),
+            };
+            below.then_some(v)
+        });
+        let Some((v, i)) = found else { break };
+        top.push((i, (v - m) - log_norm));
+        previous = found;
+    }
+    SampledRow {
+        token,
+        logprob,
+        top,
+    }
+}
+
+/// A row with its max found: the logits the later passes read.
+struct Prepared<'a> {
+    row: &'a [f32],
+    /// No logit above -inf: every logit reads as 0.
+    uniform: bool,
+    /// The largest sanitized logit (0 if uniform).
+    max: f32,
+}
+
+impl<'a> Prepared<'a> {
+    fn new(row: &'a [f32]) -> Self {
+        let max = row
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &l| m.max(sanitize(l)));
+        let uniform = max == f32::NEG_INFINITY;
+        Prepared {
+            row,
+            uniform,
+            max: if uniform { 0.0 } else { max },
+        }
+    }
+
+    fn logit(&self, i: usize) -> f32 {
+        if self.uniform {
+            0.0
+        } else {
+            sanitize(self.row[i])
+        }
+    }
+
+    /// `z_i = (l_i - max) / temperature`, at most `+0`.
+    fn scaled(&self, i: usize, temperature: f32) -> f32 {
+        (self.logit(i) - self.max) / temperature
+    }
+
+    /// The order key below which top-k and top-p drop a token (0: none
+    /// dropped), for a row that samples (`temperature > 0`).
+    fn cut(&self, p: &SamplingParamsRow, block: &Block) -> u32 {
+        let vocab = self.row.len();
+        let key_of = |i: usize| order_key(self.scaled(i, p.temperature));
+        let mut cut = 0u32;
+        if p.top_k > 0 && (p.top_k as usize) < vocab {
+            // The k-th largest z: the largest key that at least k keys reach.
+            cut = bisect(0, KEY_OF_ZERO, |key| {
+                (0..vocab).filter(|&i| key_of(i) >= key).count() >= p.top_k as usize
+            });
+        }
+        if p.top_p < 1.0 {
+            // The mass of the kept tokens at or above `key`.
+            let mass = |key: u32| {
+                block.sum(vocab, |i| {
+                    let z = self.scaled(i, p.temperature);
+                    if order_key(z) >= key {
+                        portable_exp(z)
+                    } else {
+                        0.0
+                    }
+                })
+            };
+            let target = p.top_p * mass(cut);
+            // The highest threshold whose nucleus still holds top_p of it.
+            cut = bisect(cut, KEY_OF_ZERO, |key| mass(key) >= target);
+        }
+        cut
+    }
+}
+
+/// The kernel's block, for replaying its float sums.
+struct Block {
+    threads: usize,
+}
+
+impl Block {
+    /// `Σ term(i)` for `i < n` in the kernel's order: thread t adds
+    /// `t, t + threads, ...` in turn; each warp combines its lanes by an xor
+    /// butterfly (lane l adds lane `l ^ off` for off = 16, 8, 4, 2, 1); the
+    /// warps' sums are added in warp order.
+    fn sum(&self, n: usize, term: impl Fn(usize) -> f32) -> f32 {
+        let mut partial = vec![0f32; self.threads];
+        for (t, acc) in partial.iter_mut().enumerate() {
+            for i in (t..n).step_by(self.threads) {
+                *acc += term(i);
+            }
+        }
+        partial
+            .chunks_exact(WARP)
+            .map(butterfly)
+            .reduce(|total, warp| total + warp)
+            .unwrap_or(0.0)
+    }
+}
+
+fn butterfly(lanes: &[f32]) -> f32 {
+    let mut v = [0f32; WARP];
+    v.copy_from_slice(lanes);
+    let mut off = WARP / 2;
+    while off > 0 {
+        let before = v;
+        for (lane, value) in v.iter_mut().enumerate() {
+            *value = before[lane] + before[lane ^ off];
+        }
+        off /= 2;
+    }
+    v[0]
+}
+
+/// The kernel's argmax: the largest value among the `Some`s, lowest index
+/// on ties (order-independent, so a plain scan gives the kernel's answer).
+fn argmax(n: usize, value: impl Fn(usize) -> Option<f32>) -> Option<(f32, u32)> {
+    let mut best: Option<(f32, u32)> = None;
+    for i in 0..n {
+        if let Some(v) = value(i) {
+            if best.is_none_or(|(bv, _)| v > bv) {
+                best = Some((v, i as u32));
+            }
+        }
+    }
+    best
+}
+
+/// The largest `k` in `[lo, hi]` with `pred(k)`, given `pred(lo)` and `pred`
+/// true up to some point and false above it (`hi <= 2^31`).
+fn bisect(mut lo: u32, mut hi: u32, mut pred: impl FnMut(u32) -> bool) -> u32 {
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if pred(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// Logits as the sampler sees them: NaN is `-inf` (never drawn), `+inf` is
+/// `f32::MAX`, `-0.0` is `+0.0` (so the max does not depend on order).
+pub fn sanitize(l: f32) -> f32 {
+    if l.is_nan() {
+        f32::NEG_INFINITY
+    } else if l == f32::INFINITY {
+        f32::MAX
+    } else if l == 0.0 {
+        0.0
+    } else {
+        l
+    }
+}
+
+/// A u32 whose unsigned order is the order of the floats (`-0.0` and `+0.0`
+/// equal): flip the sign bit of positives, every bit of negatives. Not for
+/// NaN.
+pub fn order_key(x: f32) -> u32 {
+    let bits = match x.to_bits() {
+        0x8000_0000 => 0,
+        bits => bits,
+    };
+    if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+/// SplitMix64's finaliser (Steele, Lea and Flood 2014): a bijection of u64
+/// that mixes every input bit into every output bit.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The per-row half of the hash, which the kernel computes once per row.
+fn row_key(seed: u64, step: u64) -> u64 {
+    seed ^ splitmix64(step ^ STEP_SALT)
+}
+
+fn uniform_at(row_key: u64, index: u32) -> f32 {
+    let x = splitmix64(row_key ^ u64::from(index).wrapping_mul(INDEX_MUL));
+    // 23 bits, centred: (k + 0.5) / 2^23 and its complement are exact.
+    ((x >> 41) as f32 + 0.5) * (1.0 / 8_388_608.0)
+}
+
+fn gumbel_at(row_key: u64, index: u32) -> f32 {
+    -portable_ln(-portable_ln(uniform_at(row_key, index)))
+}
+
+/// The uniform number in (0, 1) that token `index` of a row with `seed` and
+/// `step` draws: `(k + 0.5) / 2^23` for 23 hashed bits `k`.
+pub fn uniform(seed: u64, step: u64, index: u32) -> f32 {
+    uniform_at(row_key(seed, step), index)
+}
+
+/// The Gumbel noise `-ln(-ln u)` added to token `index`'s scaled logit.
+pub fn gumbel(seed: u64, step: u64, index: u32) -> f32 {
+    gumbel_at(row_key(seed, step), index)
+}
+
+/// `e^x` as the kernel computes it (`tm_exp`): FreeBSD's expf, under one ulp,
+/// every operation rounded on its own. Subnormal results are kept.
+pub fn portable_exp(x: f32) -> f32 {
+    const LN2_HI: u32 = 0x3f31_7200;
+    const LN2_LO: u32 = 0x35bf_be8e;
+    const INV_LN2: u32 = 0x3fb8_aa3b;
+    const P1: u32 = 0x3e2a_aaa8;
+    const P2: u32 = 0xbb35_5215;
+    if x.is_nan() {
+        return x;
+    }
+    if x > f32::from_bits(0x42b1_7180) {
+        return f32::INFINITY;
+    }
+    if x < f32::from_bits(0xc2cf_f1b5) {
+        return 0.0;
+    }
+    let nearest = if x < 0.0 { -0.5 } else { 0.5 };
+    // Truncation toward zero, as __float2int_rz; |k| <= 150.
+    let k = (f32::from_bits(INV_LN2) * x + nearest) as i32;
+    let t = k as f32;
+    let hi = x - t * f32::from_bits(LN2_HI);
+    let lo = t * f32::from_bits(LN2_LO);
+    let r = hi - lo;
+    let rr = r * r;
+    let c = r - rr * (f32::from_bits(P1) + rr * f32::from_bits(P2));
+    let q = (r * c) / (2.0 - c);
+    let y = 1.0 - ((lo - q) - hi);
+    if k >= -125 {
+        if k == 128 {
+            return y * 2.0 * f32::from_bits(0x7f00_0000);
+        }
+        return y * f32::from_bits(((0x7f + k) as u32) << 23);
+    }
+    // A subnormal result: scale in two steps so that only the last rounds.
+    y * f32::from_bits(((0x7f + k + 100) as u32) << 23) * f32::from_bits(0x0d80_0000)
+}
+
+/// `ln x` as the kernel computes it (`tm_log`): FreeBSD's logf, under one
+/// ulp, every operation rounded on its own.
+pub fn portable_ln(x: f32) -> f32 {
+    const LG1: u32 = 0x3f2a_aaaa;
+    const LG2: u32 = 0x3ecc_ce13;
+    const LG3: u32 = 0x3e91_e9ee;
+    const LG4: u32 = 0x3e78_9e26;
+    const LN2_HI: u32 = 0x3f31_7180;
+    const LN2_LO: u32 = 0x3717_f7d1;
+    let mut ix = x.to_bits();
+    let mut k = 0i32;
+    if ix == 0 || ix == 0x8000_0000 {
+        return f32::NEG_INFINITY;
+    }
+    if ix >> 31 != 0 {
+        return f32::from_bits(0x7fc0_0000);
+    }
+    if ix >= 0x7f80_0000 {
+        return x;
+    }
+    if ix < 0x0080_0000 {
+        k = -25;
+        ix = (x * 33_554_432.0).to_bits();
+    }
+    // x = m * 2^k with m in [sqrt(2)/2, sqrt(2)).
+    ix += 0x3f80_0000 - 0x3f35_04f3;
+    k += (ix >> 23) as i32 - 0x7f;
+    ix = (ix & 0x007f_ffff) + 0x3f35_04f3;
+    let f = f32::from_bits(ix) - 1.0;
+    let s = f / (2.0 + f);
+    let z = s * s;
+    let w = z * z;
+    let t1 = w * (f32::from_bits(LG2) + w * f32::from_bits(LG4));
+    let t2 = z * (f32::from_bits(LG1) + w * f32::from_bits(LG3));
+    let r = t2 + t1;
+    let hfsq = 0.5 * f * f;
+    let dk = k as f32;
+    let mut acc = s * (hfsq + r);
+    acc += dk * f32::from_bits(LN2_LO);
+    acc -= hfsq;
+    acc += f;
+    acc + dk * f32::from_bits(LN2_HI)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// A fresh generator each run; its seed is printed so a failure replays.
+    fn fresh_rng() -> StdRng {
+        let seed: u64 = rand::rng().random();
+        eprintln!("rng seed {seed}");
+        StdRng::seed_from_u64(seed)
+    }
+
+    fn logits(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-scale..=scale)).collect()
+    }
+
+    fn sampling(t: f32, k: u32, p: f32, seed: u64, step: u64) -> SamplingParamsRow {
+        let (temperature, top_k, top_p) = (t, k, p);
+        let num_logprobs = 0;
+        SamplingParamsRow {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            step,
+            num_logprobs,
+        }
+    }
+
+    fn one(row: &[f32], p: SamplingParamsRow) -> SampledRow {
+        let mut rows = sample_rows(row, row.len(), &[p]).expect("valid call");
+        rows.pop().expect("one row")
+    }
+
+    /// Indices by descending logit, lowest index first on ties.
+    fn sorted(row: &[f32]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        order
+    }
+
+    /// The tokens the kernel's cut keeps.
+    fn kept(row: &[f32], p: &SamplingParamsRow) -> Vec<bool> {
+        let prepared = Prepared::new(row);
+        let block = Block {
+            threads: sampling_geometry(1, row.len()).unwrap().threads as usize,
+        };
+        let cut = prepared.cut(p, &block);
+        (0..row.len())
+            .map(|i| order_key(prepared.scaled(i, p.temperature)) >= cut)
+            .collect()
+    }
+
+    /// The plain top-k/top-p set: sort, take k, then the shortest prefix
+    /// holding top_p of the mass (f64), with ties at each threshold kept.
+    fn nucleus(row: &[f32], temperature: f32, top_k: usize, top_p: f64) -> Vec<bool> {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: Vec<f32> = row.iter().map(|l| (l - max) / temperature).collect();
+        let order = sorted(&z);
+        let k = if top_k == 0 { z.len() } else { top_k };
+        let tau_k = z[order[k.min(z.len()) - 1]];
+        let kept: Vec<usize> = order.iter().cloned().filter(|&i| z[i] >= tau_k).collect();
+        let total: f64 = kept.iter().map(|&i| f64::from(z[i]).exp()).sum();
+        let mut tau = tau_k;
+        let mut mass = 0.0;
+        for &i in &kept {
+            mass += f64::from(z[i]).exp();
+            tau = z[i];
+            if top_p < 1.0 && mass >= top_p * total {
+                break;
+            }
+        }
+        z.iter().map(|&v| v >= tau).collect()
+    }
+
+    fn log_softmax_f64(row: &[f32]) -> Vec<f64> {
+        let row: Vec<f64> = row.iter().map(|&l| f64::from(l)).collect();
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let norm = row.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        row.iter().map(|l| l - max - norm).collect()
+    }
+
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn portable_exp_and_ln_are_within_an_ulp() {
+        let mut rng = fresh_rng();
+        let mut xs: Vec<f32> = (0..200_000)
+            .map(|_| rng.random_range(-103.9..88.7))
+            .collect();
+        xs.extend((0..20_000).map(|_| rng.random_range(-1e-3..1e-3)));
+        xs.extend([0.0, -0.0, 1.0, -1.0, 88.7, -87.0, -100.0, -103.9]);
+        for x in xs {
+            let (got, want) = (portable_exp(x), f64::from(x).exp() as f32);
+            assert!(ulps(got, want) <= 1, "exp({x}) = {got} not {want}");
+        }
+        for _ in 0..200_000 {
+            // Every positive finite float, subnormals included, by its bits.
+            let x = f32::from_bits(rng.random_range(1..0x7f80_0000));
+            let (got, want) = (portable_ln(x), f64::from(x).ln() as f32);
+            assert!(ulps(got, want) <= 1, "ln({x}) = {got} not {want}");
+        }
+        assert_eq!(portable_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(portable_exp(-200.0), 0.0);
+        assert_eq!(portable_exp(100.0), f32::INFINITY);
+        assert!(portable_exp(f32::NAN).is_nan());
+        assert_eq!(portable_ln(1.0), 0.0);
+        assert_eq!(portable_ln(0.0), f32::NEG_INFINITY);
+        assert_eq!(portable_ln(f32::INFINITY), f32::INFINITY);
+        assert!(portable_ln(-1.0).is_nan());
+    }
+
+    #[test]
+    fn uniform_is_inside_the_unit_interval_and_reproducible() {
+        let mut rng = fresh_rng();
+        let (seed, step) = (rng.random(), rng.random());
+        let draws: Vec<f32> = (0..50_000).map(|i| uniform(seed, step, i)).collect();
+        assert!(draws.iter().all(|&u| u > 0.0 && u < 1.0 && 1.0 - u < 1.0));
+        let mean = draws.iter().map(|&u| f64::from(u)).sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+        assert_eq!(uniform(seed, step, 7), uniform(seed, step, 7));
+        assert_ne!(uniform(seed, step, 7), uniform(seed, step + 1, 7));
+        assert!((0..10_000)
+            .map(|i| gumbel(seed, step, i))
+            .all(|g| (-2.81..16.7).contains(&g)));
+        // The extremes of u: g stays finite.
+        for u in [0.5 / 8_388_608.0, 1.0 - 0.5 / 8_388_608.0] {
+            assert!((-portable_ln(-portable_ln(u))).is_finite());
+        }
+    }
+
+    #[test]
+    fn order_key_sorts_like_the_floats() {
+        let mut rng = fresh_rng();
+        let mut xs: Vec<f32> = logits(&mut rng, 5000, 1e4);
+        xs.extend([f32::NEG_INFINITY, f32::INFINITY, -1e-45, 1e-45]);
+        for pair in xs.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert_eq!(
+                a.partial_cmp(&b),
+                order_key(a).partial_cmp(&order_key(b)),
+                "{a} {b}"
+            );
+        }
+        assert_eq!(order_key(-0.0), order_key(0.0));
+        assert_eq!(order_key(0.0), KEY_OF_ZERO);
+    }
+
+    #[test]
+    fn block_sum_is_the_sum_in_the_kernels_order() {
+        let mut rng = fresh_rng();
+        for n in [1usize, 7, 31, 1000, 49_152] {
+            let values: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
+            let plain: f64 = values.iter().map(|&v| f64::from(v)).sum();
+            for threads in [32, 64, 1024] {
+                let got = Block { threads }.sum(n, |i| values[i]);
+                assert!(
+                    (f64::from(got) - plain).abs() <= 1e-6 * plain.max(1.0),
+                    "{n} {threads}"
+                );
+            }
+        }
+        assert_eq!(Block { threads: 1024 }.sum(1, |_| 0.3), 0.3);
+    }
+
+    #[test]
+    fn geometry_is_whole_warps_up_to_1024() {
+        let vocabs = [1, 7, 33, 1000, 49_152, 128_256];
+        for (vocab, threads) in vocabs.into_iter().zip([32, 32, 64, 1024, 1024, 1024]) {
+            let g = sampling_geometry(5, vocab).unwrap();
+            assert_eq!((g.grid, g.threads, g.shared_bytes), (5, threads, 0));
+        }
+        assert!(sampling_geometry(1, 0).is_err());
+        assert!(sampling_geometry(1usize << 31, 10).is_err());
+        assert_eq!(sampling_geometry(0, 10).unwrap().grid, 0);
+    }
+
+    #[test]
+    fn invalid_calls_are_refused() {
+        let p = SamplingParamsRow::default();
+        let mut bad = [p; 4];
+        (bad[0].temperature, bad[1].temperature) = (f32::NAN, f32::INFINITY);
+        (bad[2].top_p, bad[3].num_logprobs) = (f32::NAN, 21);
+        for b in bad {
+            assert!(sample_rows(&[0.0; 4], 4, &[b]).is_err(), "{b:?}");
+        }
+        assert!(sample_rows(&[0.0; 5], 4, &[p]).is_err());
+        assert!(sample_rows(&[], 0, &[p]).is_err());
+        assert_eq!(sample_rows(&[], 4, &[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn params_encode_to_the_kernels_layout() {
+        let p = SamplingParamsRow {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            seed: 0x0102_0304_0506_0708,
+            step: 0x1112_1314_1516_1718,
+            num_logprobs: 5,
+        };
+        let words = p.encode();
+        assert_eq!(words[..4], [0.7f32.to_bits(), 40, 0.9f32.to_bits(), 5]);
+        assert_eq!(
+            words[4..],
+            [0x0506_0708, 0x0102_0304, 0x1516_1718, 0x1112_1314]
+        );
+    }
+
+    #[test]
+    fn greedy_is_the_argmax_lowest_index_first() {
+        let mut rng = fresh_rng();
+        for vocab in [1, 7, 1000, 49_152] {
+            let mut row = logits(&mut rng, vocab, 5.0);
+            let best = sorted(&row)[0];
+            assert_eq!(one(&row, SamplingParamsRow::default()).token as usize, best);
+            // A tie with a later index keeps the first.
+            row.push(row[best]);
+            let p = sampling(-1.0, 0, 1.0, 0, 0);
+            assert_eq!(one(&row, p).token as usize, best);
+        }
+    }
+
+    #[test]
+    fn top_k_one_is_the_argmax_at_any_temperature() {
+        let mut rng = fresh_rng();
+        for vocab in [1, 7, 1000, 4099] {
+            let row = logits(&mut rng, vocab, 3.0);
+            let best = sorted(&row)[0] as u32;
+            for step in 0..20 {
+                let t = rng.random_range(0.01f32..100.0);
+                let top_p = if step % 2 == 0 { 1.0 } else { 0.5 };
+                assert_eq!(
+                    one(&row, sampling(t, 1, top_p, rng.random(), step)).token,
+                    best
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_exactly_the_k_largest() {
+        let mut rng = fresh_rng();
+        for vocab in [7, 33, 1000] {
+            let row = logits(&mut rng, vocab, 4.0);
+            for _ in 0..5 {
+                let k = rng.random_range(1..vocab as u32);
+                let t = rng.random_range(0.2f32..3.0);
+                let p = sampling(t, k, 1.0, rng.random(), 0);
+                let mut expected = vec![false; vocab];
+                sorted(&row)[..k as usize]
+                    .iter()
+                    .for_each(|&i| expected[i] = true);
+                assert_eq!(kept(&row, &p), expected, "vocab {vocab} k {k}");
+                for step in 0..50 {
+                    let token = one(&row, SamplingParamsRow { step, ..p }).token as usize;
+                    assert!(expected[token], "token {token} outside the top {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        let mut rng = fresh_rng();
+        for vocab in [7, 33, 1000] {
+            let row = logits(&mut rng, vocab, 4.0);
+            for _ in 0..5 {
+                let top_p = rng.random_range(0.05f32..0.99);
+                let t = rng.random_range(0.3f32..2.0);
+                let k = rng.random_range(0..vocab as u32) * u32::from(rng.random_bool(0.5));
+                let p = sampling(t, k, top_p, rng.random(), 0);
+                let got = kept(&row, &p);
+                // f32 against f64 sums: allow the boundary token either way.
+                let inner = nucleus(&row, t, k as usize, f64::from(top_p) * (1.0 - 1e-5));
+                let outer = nucleus(&row, t, k as usize, f64::from(top_p) * (1.0 + 1e-5));
+                for i in 0..vocab {
+                    assert!(!inner[i] || got[i], "vocab {vocab} p {top_p}: {i} dropped");
+                    assert!(!got[i] || outer[i], "vocab {vocab} p {top_p}: {i} kept");
+                }
+                for step in 0..50 {
+                    let token = one(&row, SamplingParamsRow { step, ..p }).token as usize;
+                    assert!(got[token] && outer[token], "{token} outside the nucleus");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_restricted_softmax() {
+        let mut rng = fresh_rng();
+        let row = logits(&mut rng, 5, 1.5);
+        for (top_k, top_p) in [(0, 1.0), (3, 1.0), (0, 0.8), (4, 0.9)] {
+            let t = rng.random_range(0.7f32..1.5);
+            let p = sampling(t, top_k, top_p, rng.random(), 0);
+            let set = kept(&row, &p);
+            let weight = |i: usize| (f64::from(row[i]) / f64::from(t)).exp();
+            let weights: Vec<f64> = (0..5)
+                .map(|i| if set[i] { weight(i) } else { 0.0 })
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let draws = 20_000u64;
+            let mut counts = [0u64; 5];
+            for step in 0..draws {
+                counts[one(&row, SamplingParamsRow { step, ..p }).token as usize] += 1;
+            }
+            let mut chi2 = 0.0;
+            for i in 0..5 {
+                let expected = weights[i] / total * draws as f64;
+                if expected == 0.0 {
+                    assert_eq!(counts[i], 0, "token {i} is cut yet drawn");
+                } else {
+                    chi2 += (counts[i] as f64 - expected).powi(2) / expected;
+                }
+            }
+            // At most 4 degrees of freedom: P(chi2 > 30) < 5e-6.
+            assert!(
+                chi2 < 30.0,
+                "chi2 {chi2}: {counts:?} against {weights:?}, k {top_k} p {top_p}"
+            );
+        }
+    }
+
+    #[test]
+    fn same_seed_and_step_give_the_same_token() {
+        let mut rng = fresh_rng();
+        let row = logits(&mut rng, 1000, 1.0);
+        let p = sampling(1.0, 0, 0.95, rng.random(), rng.random());
+        let tokens: Vec<u32> = (0..4).map(|_| one(&row, p).token).collect();
+        assert!(tokens.windows(2).all(|w| w[0] == w[1]));
+        // A flat distribution over 1000 tokens: 20 steps give many tokens.
+        let mut seen: Vec<u32> = (0..20)
+            .map(|s| one(&row, SamplingParamsRow { step: s, ..p }).token)
+            .collect();
+        seen.sort();
+        seen.dedup();
+        assert!(seen.len() > 10, "{seen:?}");
+        // Rows of one batch are independent of each other.
+        let batch = sample_rows(&[row.clone(), row.clone()].concat(), 1000, &[p, p]).unwrap();
+        assert_eq!(batch[0], batch[1]);
+        assert_eq!(batch[0].token, tokens[0]);
+    }
+
+    #[test]
+    fn logprobs_match_a_plain_log_softmax() {
+        let mut rng = fresh_rng();
+        for vocab in [1, 7, 1000, 49_152, 128_256] {
+            let row = logits(&mut rng, vocab, 10.0);
+            let n = rng.random_range(0..=MAX_TOP_LOGPROBS as u32);
+            let t = if rng.random_bool(0.5) { 0.0 } else { 0.8 };
+            let p = SamplingParamsRow {
+                num_logprobs: n,
+                ..sampling(t, 50, 0.9, rng.random(), 3)
+            };
+            let got = one(&row, p);
+            let want = log_softmax_f64(&row);
+            let close = |a: f32, b: f64| (f64::from(a) - b).abs() <= 1e-5 * b.abs().max(1.0);
+            assert!(close(got.logprob, want[got.token as usize]), "{vocab}");
+            let order = sorted(&row);
+            assert_eq!(got.top.len(), (n as usize).min(vocab));
+            for (r, &(id, lp)) in got.top.iter().enumerate() {
+                assert_eq!(id as usize, order[r], "vocab {vocab} rank {r}");
+                assert!(close(lp, want[order[r]]), "vocab {vocab} rank {r}: {lp}");
+            }
+        }
+        // Ties in the top list: lowest index first.
+        let p = SamplingParamsRow {
+            num_logprobs: 4,
+            ..Default::default()
+        };
+        let top = one(&[1.0, 2.0, 1.0, 2.0], p).top;
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn extreme_logits_give_no_nan() {
+        let inf = f32::INFINITY;
+        let rows: [&[f32]; 8] = [
+            &[-inf, 1.0, -inf, 0.5],
+            &[-inf, -inf, -inf],
+            &[f32::NAN, 2.0, f32::NAN],
+            &[f32::NAN, f32::NAN],
+            &[inf, 0.0, inf, -inf],
+            &[3e38, -3e38, f32::MAX, f32::MIN],
+            &[0.25; 9],
+            &[-0.0, 0.0, -1e-45, 1e-45],
+        ];
+        for row in rows {
+            for t in [0.0, 1e-30, 0.5, 1.0, 1e30] {
+                for (k, top_p) in [(0, 1.0), (2, 1.0), (0, 0.5), (2, 0.0), (1, -1.0)] {
+                    let p = SamplingParamsRow {
+                        num_logprobs: 20,
+                        ..sampling(t, k, top_p, 9, 1)
+                    };
+                    let got = one(row, p);
+                    let what = format!("{row:?} t {t} k {k} p {top_p}: {got:?}");
+                    assert!((got.token as usize) < row.len(), "{what}");
+                    // Finite: not NaN, and no impossible token drawn.
+                    assert!(got.logprob.is_finite() && got.logprob <= 0.0, "{what}");
+                    assert!(got.top.iter().all(|t| !t.1.is_nan()), "{what}");
+                    assert_eq!(got.top.len(), row.len(), "{what}");
+                }
+            }
+        }
+        // All impossible: uniform. All equal: uniform too.
+        let lp = one(&[f32::NEG_INFINITY; 4], SamplingParamsRow::default()).logprob;
+        assert!((lp - (0.25f32).ln()).abs() < 1e-6);
+        let lp = one(&[7.0; 4], sampling(1.0, 0, 1.0, 1, 1)).logprob;
+        assert!((lp - (0.25f32).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn outputs_decode_to_rows() {
+        let ids = [4, 2, NO_TOKEN, NO_TOKEN];
+        let lps = [-0.1, -2.0, f32::NEG_INFINITY, f32::NEG_INFINITY];
+        let row = SampledRow::from_outputs(4, -0.1, &ids, &lps, 3);
+        assert_eq!(row.top, vec![(4, -0.1), (2, -2.0)]);
+        assert_eq!(
+            SampledRow::from_outputs(4, -0.1, &ids, &lps, 1).top,
+            vec![(4, -0.1)]
+        );
+        assert!(row.bit_eq(&row.clone()));
+        let other = SampledRow {
+            logprob: -0.0,
+            ..row.clone()
+        };
+        assert!(!row.bit_eq(&other));
+    }
+}
