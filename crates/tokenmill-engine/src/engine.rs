@@ -4,7 +4,7 @@
 
 use crate::capacity::CapacityMeter;
 use crate::kv::BlockPool;
-use crate::sched::{Scheduler, SchedulerConfig, Sequence};
+use crate::sched::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, StepRow};
 use crate::telemetry;
 use candle_core::Tensor;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +36,21 @@ pub struct EngineConfig {
     pub capacity_interval: Duration,
     /// The device name in capacity records.
     pub device: String,
+    /// Where tokens are drawn.
+    pub sampler: SamplerPlace,
+}
+
+/// Where the engine draws tokens from a step's logits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SamplerPlace {
+    /// The model's batched sampler on a GPU, the host sampler on the CPU.
+    #[default]
+    Auto,
+    /// Each sequence's sampler on the host, from its copied logit row.
+    Host,
+    /// The model's batched sampler ([`Llama::sample`]): the sampling
+    /// kernel on a GPU, its CPU reference elsewhere.
+    Batched,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +62,7 @@ impl Default for EngineConfig {
             max_in_flight: 1024,
             capacity_interval: Duration::from_secs(10),
             device: "cpu".to_owned(),
+            sampler: SamplerPlace::Auto,
         }
     }
 }
@@ -151,8 +167,14 @@ impl Engine {
                 // The block pool is single-threaded by design: it is built here,
                 // on the thread that owns it.
                 let pool = BlockPool::new(worker_config.num_blocks, worker_config.block_size);
+                let batched_sampling = match worker_config.sampler {
+                    SamplerPlace::Auto => !model.device().is_cpu(),
+                    SamplerPlace::Host => false,
+                    SamplerPlace::Batched => true,
+                };
                 StepLoop {
                     scheduler: Scheduler::new(worker_config.scheduler, pool, context_length),
+                    batched_sampling,
                     model,
                     cache,
                     tokenizer: worker_tokenizer,
@@ -282,9 +304,34 @@ struct StepLoop {
     stats: Arc<EngineStats>,
     capacity: CapacityMeter,
     meter: Arc<dyn MeterSink>,
+    /// Whether tokens are drawn by the model's batched sampler.
+    batched_sampling: bool,
 }
 
 impl StepLoop {
+    /// The sampling chunks' rows: tokens drawn by the batched sampler, or
+    /// logit rows for the host's.
+    fn step_rows(
+        &self,
+        plan: &SchedulerOutput,
+        logits: &Tensor,
+    ) -> Result<Vec<StepRow>, ModelError> {
+        if self.batched_sampling {
+            let params = self.scheduler.sampling_rows(plan);
+            Ok(self
+                .model
+                .sample(logits, &params)?
+                .into_iter()
+                .map(StepRow::Sampled)
+                .collect())
+        } else {
+            Ok(logit_rows(logits)?
+                .into_iter()
+                .map(StepRow::Logits)
+                .collect())
+        }
+    }
+
     fn run(mut self) {
         let mut open = true;
         while open || !self.scheduler.is_idle() {
@@ -304,7 +351,7 @@ impl StepLoop {
             let forward = self
                 .model
                 .forward(&batch, &self.cache)
-                .and_then(|l| logit_rows(&l));
+                .and_then(|logits| self.step_rows(&plan, &logits));
             let forward_time = forward_started.elapsed();
             match forward {
                 Ok(rows) => {

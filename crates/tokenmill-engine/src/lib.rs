@@ -15,5 +15,5 @@ pub mod sampler;
 pub mod sched;
 pub mod telemetry;
 
-pub use engine::{Engine, EngineConfig, EngineStats};
+pub use engine::{Engine, EngineConfig, EngineStats, SamplerPlace};
 pub use sched::SchedulerConfig;

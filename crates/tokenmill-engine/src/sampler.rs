@@ -2,11 +2,16 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tokenmill_models::SamplingParamsRow;
 use tokenmill_protocol::SamplingParams;
+
+/// The most top logprobs the batched sampler returns per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// The sampler of one sequence, with its own seeded random stream.
 pub struct Sampler {
     params: SamplingParams,
+    seed: u64,
     rng: StdRng,
 }
 
@@ -16,7 +21,24 @@ impl Sampler {
         let seed = params.seed.unwrap_or_else(rand::random);
         Sampler {
             params,
+            seed,
             rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// This sampler's parameters as a row of the batched sampler (the
+    /// sampling kernel on a GPU): the same temperature, top-p and seed, the
+    /// position of the token drawn as the row's counter (so a seeded
+    /// request draws the same tokens however it is batched), and how many
+    /// top logprobs to return.
+    pub fn batched_row(&self, position: usize, num_logprobs: usize) -> SamplingParamsRow {
+        SamplingParamsRow {
+            temperature: self.params.temperature,
+            top_k: 0,
+            top_p: self.params.top_p,
+            seed: self.seed,
+            step: position as u64,
+            num_logprobs: num_logprobs.min(MAX_TOP_LOGPROBS) as u32,
         }
     }
 

@@ -519,3 +519,73 @@ fn when_usage_cannot_be_recorded_the_client_gets_an_error_and_new_requests_are_r
         Err(tokenmill_protocol::SubmitError::Unavailable(_))
     ));
 }
+
+/// The batched sampler (the sampling kernel's CPU reference here; the kernel
+/// itself on a GPU) behind the same requests: greedy gives the host
+/// sampler's tokens; a seeded request at temperature 1 gives the same tokens
+/// twice, alone or beside other requests, and different ones for another
+/// seed; logprobs come back with the chosen token among its alternatives
+/// when it is the most likely.
+#[test]
+fn the_batched_sampler_draws_what_the_host_sampler_would() {
+    use tokenmill_engine::SamplerPlace;
+    let host = start(EngineConfig {
+        sampler: SamplerPlace::Host,
+        ..EngineConfig::default()
+    });
+    let greedy_host: Vec<Vec<u32>> = PROMPTS[..3]
+        .iter()
+        .map(|p| collect(submit(&host, "h", p, 12, None)).1)
+        .collect();
+    drop(host);
+
+    let batched = start(EngineConfig {
+        sampler: SamplerPlace::Batched,
+        ..EngineConfig::default()
+    });
+    let greedy_batched: Vec<Vec<u32>> = PROMPTS[..3]
+        .iter()
+        .map(|p| collect(submit(&batched, "b", p, 12, None)).1)
+        .collect();
+    assert_eq!(greedy_batched, greedy_host);
+
+    let seeded = |seed: u64, logprobs: Option<usize>| {
+        let mut r = request(&batched, "s", PROMPTS[0], 16);
+        r.sampling = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: Some(seed),
+        };
+        r.logprobs = logprobs;
+        r
+    };
+    let alone = collect_all(submit_request(&batched, seeded(7, Some(3)), None)).0;
+    // The same seed beside two other requests in the same steps.
+    let others: Vec<_> = PROMPTS[3..5]
+        .iter()
+        .map(|p| submit(&batched, "o", p, 16, None))
+        .collect();
+    let together = collect_all(submit_request(&batched, seeded(7, Some(3)), None)).0;
+    for o in others {
+        collect(o);
+    }
+    assert_eq!(alone[0].ids, together[0].ids);
+    let other_seed = collect_all(submit_request(&batched, seeded(8, None), None)).0;
+    assert_ne!(
+        alone[0].ids, other_seed[0].ids,
+        "another seed, other tokens"
+    );
+
+    let steps = &alone[0].logprobs;
+    assert_eq!(steps.len(), alone[0].ids.len());
+    for (step, id) in steps.iter().zip(&alone[0].ids) {
+        assert_eq!(step.chosen.token, *id);
+        assert!(step.chosen.logprob <= 0.0 && step.chosen.logprob.is_finite());
+        assert_eq!(step.top.len(), 3);
+        assert!(step.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        assert!(step.chosen.logprob <= step.top[0].logprob + 1e-6);
+        if step.chosen.logprob >= step.top[0].logprob {
+            assert_eq!(step.top[0].token, *id);
+        }
+    }
+}

@@ -77,6 +77,11 @@ impl GpuKernels {
         }))
     }
 
+    /// The loaded kernels.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
     /// The step's block tables, positions and slots on the device.
     pub fn upload_meta(&self, meta: PagedMeta, shape: &AttentionShape) -> Result<DeviceMeta> {
         DeviceMeta::upload(&self.kernels, meta, shape).map_err(kernel_error)

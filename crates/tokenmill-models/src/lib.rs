@@ -33,6 +33,7 @@ pub use error::{ModelError, Result};
 pub use kv_cache::PagedKvCache;
 pub use llama::{DenseWeights, Llama};
 pub use tokenizer::ModelTokenizer;
+pub use tokenmill_kernels::reference::sampling::{SampledRow, SamplingParamsRow};
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;

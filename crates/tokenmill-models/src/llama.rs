@@ -712,6 +712,32 @@ impl Llama {
         self.lm_head.forward(&rows)
     }
 
+    /// Samples a token from each row of `logits` (`[rows, vocab]`, as
+    /// [`Llama::forward`] returns them) with its row of `params`, where the
+    /// logits lie: on a CUDA device through the sampling kernel, so only
+    /// the tokens and their logprobs cross to the host; elsewhere through
+    /// the kernel's CPU reference, which draws the same tokens.
+    pub fn sample(
+        &self,
+        logits: &Tensor,
+        params: &[crate::SamplingParamsRow],
+    ) -> Result<Vec<crate::SampledRow>> {
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return tokenmill_kernels::cuda::sampling::sample_tensor(
+                gpu.kernels(),
+                &logits,
+                params,
+            )
+            .map_err(|e| ModelError::Unsupported(format!("sampling on the GPU: {e}")));
+        }
+        let vocab = logits.dim(D::Minus1)?;
+        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        tokenmill_kernels::reference::sampling::sample_rows(&flat, vocab, params)
+            .map_err(|e| ModelError::InvalidBatch(format!("sampling: {e}")))
+    }
+
     /// The hidden states whose logits were asked for.
     fn logit_rows(&self, hidden: &Tensor, batch: &ForwardBatch) -> Result<Tensor> {
         let mut rows: Vec<u32> = Vec::with_capacity(batch.logit_rows());

@@ -21,7 +21,7 @@ pub use fair::FairQueue;
 pub use sequence::Sequence;
 
 use crate::kv::BlockPool;
-use tokenmill_models::{ForwardBatch, LogitRows, ModelTokenizer};
+use tokenmill_models::{ForwardBatch, LogitRows, ModelTokenizer, SampledRow, SamplingParamsRow};
 use tokenmill_protocol::{FinishReason, TenantId};
 
 /// Limits of one step.
@@ -40,6 +40,17 @@ impl Default for SchedulerConfig {
             max_num_seqs: 64,
         }
     }
+}
+
+/// What a step gives each sampling chunk: its logit row, for the engine's
+/// host sampler; or the token the batched sampler (the model's, on its
+/// device) already drew, with its logprobs.
+#[derive(Clone, Debug)]
+pub enum StepRow {
+    /// The vocabulary's logits.
+    Logits(Vec<f32>),
+    /// A drawn token.
+    Sampled(SampledRow),
 }
 
 /// One sequence's share of a step.
@@ -270,19 +281,29 @@ impl Scheduler {
         batch
     }
 
+    /// The batched sampler's rows of the plan's sampling chunks, in order.
+    pub fn sampling_rows(&self, output: &SchedulerOutput) -> Vec<SamplingParamsRow> {
+        output
+            .chunks
+            .iter()
+            .filter(|c| c.samples)
+            .map(|c| self.running[c.running_index].batched_sampling_row())
+            .collect()
+    }
+
     /// Applies a finished step: marks the chunks computed, charges each
     /// sequence its share of `step_seconds` by tokens, appends the tokens
-    /// sampled from `logits` (one row per sampling chunk, in order) and ends
+    /// sampled from `rows` (one per sampling chunk, in order) and ends
     /// the sequences that are done.
     pub fn update_from_output(
         &mut self,
         output: &SchedulerOutput,
-        logits: &[Vec<f32>],
+        rows: &[StepRow],
         step_seconds: f64,
         tokenizer: &ModelTokenizer,
     ) {
         let total = output.num_tokens().max(1) as f64;
-        let mut rows = logits.iter();
+        let mut rows = rows.iter();
         let mut finished = Vec::new();
         let mut forks = Vec::new();
         for chunk in &output.chunks {
@@ -403,7 +424,8 @@ mod tests {
                 s.len()
             );
             assert!(out.num_tokens() <= s.config.max_batched_tokens);
-            let rows = vec![row.clone(); out.chunks.iter().filter(|c| c.samples).count()];
+            let rows =
+                vec![StepRow::Logits(row.clone()); out.chunks.iter().filter(|c| c.samples).count()];
             s.update_from_output(&out, &rows, 0.01, t);
             steps.push(out.tenant_tokens.clone());
             assert!(steps.len() < 10_000);

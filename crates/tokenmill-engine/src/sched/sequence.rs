@@ -3,13 +3,14 @@
 //! tally) is shared with the request's other completions.
 
 use super::request::SharedRequest;
+use super::StepRow;
 use crate::engine::InFlight;
 use crate::kv::SequenceBlocks;
 use crate::output::OutputText;
 use crate::sampler::{self, Sampler};
 use std::rc::Rc;
 use std::sync::Arc;
-use tokenmill_models::ModelTokenizer;
+use tokenmill_models::{ModelTokenizer, SampledRow, SamplingParamsRow};
 use tokenmill_protocol::{
     Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, MeterSink, TokenLogprob,
     TopLogprob,
@@ -85,6 +86,13 @@ impl Sequence {
             index,
             shared: shared.clone(),
         }
+    }
+
+    /// This sequence's row of the batched sampler, for the token it draws
+    /// next (at position `tokens.len()`).
+    pub fn batched_sampling_row(&self) -> SamplingParamsRow {
+        self.sampler
+            .batched_row(self.tokens.len(), self.shared.request.logprobs.unwrap_or(0))
     }
 
     /// Who pays for this sequence.
@@ -170,20 +178,28 @@ impl Sequence {
     /// it completes. Returns why the sequence ended, if it did.
     pub fn append_sampled(
         &mut self,
-        logits: &[f32],
+        row: &StepRow,
         tokenizer: &ModelTokenizer,
         context_length: usize,
     ) -> Option<FinishReason> {
-        let token = self.sampler.sample(logits);
+        let token = match row {
+            StepRow::Logits(logits) => self.sampler.sample(logits),
+            StepRow::Sampled(sampled) => sampled.token,
+        };
         self.tokens.push(token);
         self.shared.add_completion_token();
         if tokenizer.is_end_of_generation(token) && !self.shared.request.stop.ignore_eos {
             self.send_text(String::new(), token, Vec::new());
             return Some(FinishReason::Stop);
         }
-        let logprobs = match self.shared.request.logprobs {
-            Some(top) => vec![token_logprob(logits, token, top, tokenizer)],
-            None => Vec::new(),
+        let logprobs = match (self.shared.request.logprobs, row) {
+            (Some(top), StepRow::Logits(logits)) => {
+                vec![token_logprob(logits, token, top, tokenizer)]
+            }
+            (Some(top), StepRow::Sampled(sampled)) => {
+                vec![sampled_logprob(sampled, top, tokenizer)]
+            }
+            (None, _) => Vec::new(),
         };
         let delta = self.output.push(tokenizer, token);
         let stopped = delta.stopped;
@@ -255,6 +271,24 @@ impl Drop for Sequence {
             FinishReason::Error,
             Some("the engine stopped before the request finished".to_owned()),
         );
+    }
+}
+
+/// The logprobs the batched sampler returned, in the same form.
+fn sampled_logprob(sampled: &SampledRow, top: usize, tokenizer: &ModelTokenizer) -> TokenLogprob {
+    let entry = |token: u32, logprob: f32| TopLogprob {
+        token,
+        bytes: tokenizer.token_bytes(token),
+        logprob,
+    };
+    TokenLogprob {
+        chosen: entry(sampled.token, sampled.logprob),
+        top: sampled
+            .top
+            .iter()
+            .take(top)
+            .map(|(token, logprob)| entry(*token, *logprob))
+            .collect(),
     }
 }
 
