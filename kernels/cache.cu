@@ -7,7 +7,9 @@
   extern "C" __global__ void tm_write_cache_##NAME(const T* src, int src_stride, T* cache,     \
                                                    const uint32_t* slot_mapping, int width) {  \
     const long long token = blockIdx.x;                                                        \
-    const size_t dst = (size_t)slot_mapping[token] * width;                                    \
+    const uint32_t slot = slot_mapping[token];                                                 \
+    if (slot == 0xffffffffu) return; /* a padding row of a CUDA graph's batch */               \
+    const size_t dst = (size_t)slot * width;                                                   \
     const long long from = token * src_stride;                                                 \
     for (int i = threadIdx.x; i < width; i += blockDim.x) cache[dst + i] = src[from + i];      \
   }                                                                                            \

@@ -22,6 +22,9 @@ Speed (Llama-3-8B's architecture with random bf16 weights, `serve --random-weigh
   sweep     output tok/s at each concurrency, 1000 input / 1000 output tokens, `tokenmill bench serve`.
   ttft      median time to first token of a 1000-token prompt at concurrency 1.
   overhead  the engine's per-step time outside the forward, from its "engine stopped" log line.
+  graphs    launch overhead: a 4-layer model's per-step forward time (where launches, not maths,
+            dominate) at 1 and 8 concurrent sequences, with decode CUDA graphs and without
+            (TOKENMILL_CUDA_GRAPHS=0), and whether graphs were captured.
 
 `--dry-run-cpu` runs the same steps on the CPU with tiny shapes, to test this script without a GPU.
 """
@@ -302,6 +305,44 @@ def speed(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def graphs(args: argparse.Namespace) -> dict[str, Any]:
+    config = TINY if args.dry_run_cpu else {**SMALL, "model_type": "llama", "rope_theta": 10000.0,
+                                            "tie_word_embeddings": False}
+    path = args.out / "graphs-config.json"
+    path.write_text(json.dumps(config))
+    out: dict[str, Any] = {"config": config}
+    for name, env in (("with_graphs", {}), ("without_graphs", {"TOKENMILL_CUDA_GRAPHS": "0"})):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            server = Server(args, f"graphs-{name}", ["--model", args.smollm2, "--random-weights", str(path),
+                                                     "--device", args.device, "--max-num-seqs", "8"])
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        try:
+            run([str(args.bin), "bench", "serve", "--base-url", f"http://127.0.0.1:{server.port}/v1", "--model",
+                 "m", "--tokenizer", args.smollm2, "--sweep", "concurrency=1,8", "--input-len", "32",
+                 "--output-len", "128", "--ignore-eos", "--duration", str(min(args.level_seconds, 20.0)),
+                 "--warmup", "1", "--json", str(args.out / f"graphs-{name}.json")], timeout=600)
+        finally:
+            server.stop()
+        log = server.log_text()
+        engine = ENGINE_STOPPED.search(log)
+        out[name] = {
+            "captured": len(re.findall(r"captured a decode CUDA graph", log)),
+            "capture_failed": "CUDA graph capture failed" in log,
+            "levels": summarize_levels(json.loads((args.out / f"graphs-{name}.json").read_text())),
+        }
+        if engine:
+            out[name].update(steps=int(engine.group(1)), forward_ms_per_step=float(engine.group(2)),
+                             overhead_ms_per_step=float(engine.group(3)))
+    return out
+
+
 def summarize_levels(bench: dict[str, Any]) -> list[dict[str, Any]]:
     """The figures this check reports, from `tokenmill bench` JSON (docs/bench-result.schema.json)."""
     rows = []
@@ -350,6 +391,13 @@ def markdown(results: dict[str, Any]) -> str:
     bw = results.get("bandwidth", {})
     if "gb_per_s" in bw:
         lines.append(f"| copy bandwidth | {bw['gb_per_s']:.0f} GB/s |")
+    gr = results.get("graphs", {})
+    for which in ("with_graphs", "without_graphs"):
+        if gr.get(which, {}).get("forward_ms_per_step") is not None:
+            g = gr[which]
+            lines.append(f"| forward ms/step, small model, {which.replace('_', ' ')} | "
+                         f"{g['forward_ms_per_step']:.3f} (+{g['overhead_ms_per_step']:.3f} outside; "
+                         f"{g['captured']} graphs) |")
     sp = results.get("speed", {})
     for key in ("batch1_decode_tok_s", "roofline_tok_s", "roofline_percent", "ttft_ms_p50", "overhead_ms_per_step"):
         if sp.get(key) is not None:
@@ -373,7 +421,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--level-seconds", type=float, default=60.0, help="bench time per concurrency level")
     parser.add_argument("--start-timeout", type=float, default=600.0)
-    parser.add_argument("--only", default="kernels,smollm2,random,coldstart,bandwidth,speed")
+    parser.add_argument("--only", default="kernels,smollm2,random,coldstart,graphs,bandwidth,speed")
     parser.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on the CPU: tests this script")
     args = parser.parse_args()
     if args.dry_run_cpu:
@@ -388,6 +436,7 @@ def main() -> int:
     only = set(args.only.split(","))
     for name, fn in (("kernels", lambda: check_kernels(args)), ("smollm2", lambda: check_smollm2(args)),
                      ("random", lambda: check_random(args)), ("coldstart", lambda: coldstart(args)),
+                     ("graphs", lambda: graphs(args)),
                      ("bandwidth", lambda: bandwidth(args)), ("speed", lambda: speed(args, results))):
         if name in only:
             step(results, name, fn)

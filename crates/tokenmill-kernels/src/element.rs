@@ -5,7 +5,7 @@
 use half::{bf16, f16};
 
 /// A storage type of activations and of the KV cache.
-pub trait Element: Copy + Send + Sync + PartialEq + std::fmt::Debug + 'static {
+pub trait Element: Copy + Default + Send + Sync + PartialEq + std::fmt::Debug + 'static {
     /// The suffix of the kernels for this type (`tm_rms_norm_bf16`).
     const NAME: &'static str;
     /// Widens to f32.

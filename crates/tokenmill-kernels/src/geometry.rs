@@ -213,6 +213,29 @@ pub fn elementwise(elements: usize) -> Result<Launch> {
     })
 }
 
+/// Batch sizes a decode step is captured as a CUDA graph for; a step of
+/// `n` sequences replays the smallest that holds it, padded.
+pub const GRAPH_BATCH_SIZES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256];
+
+/// The captured batch size a decode step of `sequences` replays, if any.
+pub fn graph_batch_size(sequences: usize) -> Option<usize> {
+    GRAPH_BATCH_SIZES
+        .iter()
+        .copied()
+        .find(|b| *b >= sequences.max(1))
+}
+
+/// The context a decode graph is planned for: the step's longest context
+/// rounded up to a power of two of at least [`MAX_PARTITION`], capped at the
+/// model's context. A graph's launches are fixed, so its flash-decoding
+/// split is planned for the class; a step in the same class reuses it.
+pub fn graph_context_class(max_context: usize, model_context: usize) -> usize {
+    max_context
+        .max(MAX_PARTITION)
+        .next_power_of_two()
+        .min(model_context.max(max_context))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +315,24 @@ mod tests {
         assert!(wide.launch.shared_bytes <= DEFAULT_SHARED_BYTES);
         let widest = prefill_plan(&meta, 1, MAX_HEAD_DIM).unwrap();
         assert!(widest.launch.shared_bytes <= MAX_SHARED_BYTES);
+    }
+
+    #[test]
+    fn decode_graphs_are_picked_by_batch_and_context_class() {
+        assert_eq!(graph_batch_size(0), Some(1));
+        assert_eq!(graph_batch_size(1), Some(1));
+        assert_eq!(graph_batch_size(3), Some(4));
+        assert_eq!(graph_batch_size(25), Some(32));
+        assert_eq!(graph_batch_size(256), Some(256));
+        assert_eq!(graph_batch_size(257), None);
+        assert_eq!(graph_context_class(1, 8192), 512);
+        assert_eq!(graph_context_class(513, 8192), 1024);
+        assert_eq!(graph_context_class(5000, 8192), 8192);
+        assert_eq!(graph_context_class(5000, 6000), 6000);
+        // The class always holds the step.
+        for ctx in [1, 511, 512, 513, 4097, 8192] {
+            assert!(graph_context_class(ctx, 8192) >= ctx);
+        }
     }
 
     #[test]

@@ -9,6 +9,10 @@
 
 use crate::{KernelError, Result};
 
+/// The slot of a padding row (a CUDA graph replays a fixed batch size; the
+/// rows past the real ones write nothing to the cache).
+pub const PAD_SLOT: u32 = u32::MAX;
+
 /// One sequence's part of a batch, as the caller describes it.
 #[derive(Clone, Copy, Debug)]
 pub struct ChunkSpec<'a> {
@@ -144,6 +148,58 @@ impl PagedMeta {
     }
 }
 
+impl PagedMeta {
+    /// This decode step's metadata padded for a CUDA graph captured for
+    /// `batch` sequences and block tables `table_width` wide: every table
+    /// row widened with zeros, and `batch - num_seqs` padding sequences of
+    /// one token at position 0 over block 0 whose keys and values go
+    /// nowhere ([`PAD_SLOT`]). Their attention reads block 0 (always valid
+    /// memory) and their outputs are dropped.
+    pub fn padded_decode(&self, batch: usize, table_width: usize) -> Result<PagedMeta> {
+        if !self.is_decode_only() || self.num_seqs() > batch || self.max_blocks > table_width {
+            return Err(KernelError::Invalid(format!(
+                "a step of {} sequences ({} tokens, tables of {}) does not fit a graph of {batch} \
+                 sequences with tables of {table_width}",
+                self.num_seqs(),
+                self.num_tokens(),
+                self.max_blocks
+            )));
+        }
+        let mut padded = PagedMeta {
+            block_size: self.block_size,
+            max_blocks: table_width,
+            max_context: self.max_context,
+            max_query_len: 1,
+            query_start: vec![0],
+            ..PagedMeta::default()
+        };
+        for seq in 0..batch {
+            let real = seq < self.num_seqs();
+            let row = if real {
+                &self.block_tables[seq * self.max_blocks..(seq + 1) * self.max_blocks]
+            } else {
+                &[]
+            };
+            padded.block_tables.extend_from_slice(row);
+            padded.block_tables.resize((seq + 1) * table_width, 0);
+            padded
+                .context_lens
+                .push(if real { self.context_lens[seq] } else { 1 });
+            padded.token_seq.push(seq as u32);
+            padded
+                .positions
+                .push(if real { self.positions[seq] } else { 0 });
+            padded.slot_mapping.push(if real {
+                self.slot_mapping[seq]
+            } else {
+                PAD_SLOT
+            });
+            padded.query_start.push(seq as u32 + 1);
+        }
+        Ok(padded)
+    }
+}
+
 /// The slot of `position` in a sequence with `block_table`.
 pub fn slot_of(block_table: &[u32], block_size: usize, position: usize) -> usize {
     block_table[position / block_size] as usize * block_size + position % block_size
@@ -198,6 +254,33 @@ mod tests {
                 assert_eq!(meta.slot(seq, position), slot_of(table, 2, position));
             }
         }
+    }
+
+    #[test]
+    fn a_padded_decode_step_keeps_the_real_rows_and_pads_harmlessly() {
+        let (a, b) = ([3u32, 1], [2u32]);
+        let meta = PagedMeta::new(4, 4, [spec(1, 6, &a), spec(1, 3, &b)]).unwrap();
+        let padded = meta.padded_decode(4, 3).unwrap();
+        assert_eq!(padded.num_seqs(), 4);
+        assert_eq!(
+            padded.block_tables,
+            vec![3, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(padded.positions, vec![5, 2, 0, 0]);
+        assert_eq!(padded.slot_mapping, vec![5, 10, PAD_SLOT, PAD_SLOT]);
+        assert_eq!(padded.context_lens, vec![6, 3, 1, 1]);
+        assert_eq!(padded.query_start, vec![0, 1, 2, 3, 4]);
+        for seq in 0..2 {
+            for p in 0..meta.context_lens[seq] as usize {
+                assert_eq!(padded.slot(seq, p), meta.slot(seq, p));
+            }
+        }
+        assert!(padded.is_decode_only());
+        // Too many sequences, too wide tables, or a prefill do not fit.
+        assert!(meta.padded_decode(1, 3).is_err());
+        assert!(meta.padded_decode(4, 1).is_err());
+        let prefill = PagedMeta::new(4, 4, [spec(2, 6, &a)]).unwrap();
+        assert!(prefill.padded_decode(4, 3).is_err());
     }
 
     #[test]

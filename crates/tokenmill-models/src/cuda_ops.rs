@@ -87,6 +87,13 @@ impl GpuKernels {
         DeviceMeta::upload(&self.kernels, meta, shape).map_err(kernel_error)
     }
 
+    /// Overwrites a u32 tensor on the device with `values` (a decode
+    /// graph's token buffer), in place.
+    pub fn upload_u32(&self, tensor: &Tensor, values: &[u32]) -> Result<()> {
+        tensor.inplace_op1(&UploadOp { values })?;
+        Ok(())
+    }
+
     /// `rms_norm(x) * weight` over the last dimension.
     pub fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         let weight = weight.to_dtype(x.dtype())?;
@@ -376,6 +383,33 @@ impl InplaceOp1 for WriteCacheOp<'_> {
             CudaStorageSlice::F16(s) => self.run(s, layout),
             _ => candle_core::bail!("tm-write-cache on {:?}", storage.dtype()),
         }
+    }
+}
+
+/// Copies host values over a tensor's elements.
+struct UploadOp<'a> {
+    values: &'a [u32],
+}
+
+impl InplaceOp1 for UploadOp<'_> {
+    fn name(&self) -> &'static str {
+        "tm-upload"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("tm-upload runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (start, end) = contiguous(layout)?;
+        if end - start != self.values.len() {
+            candle_core::bail!("{} values for {} elements", self.values.len(), end - start);
+        }
+        let stream = storage.device.cuda_stream();
+        let slice = storage.as_cuda_slice_mut::<u32>()?;
+        stream
+            .memcpy_htod(self.values, &mut slice.slice_mut(start..end))
+            .map_err(|e| candle_core::Error::Msg(format!("uploading tokens: {e}")))
     }
 }
 

@@ -18,6 +18,8 @@ pub mod cpu_gemm;
 pub mod cpu_ops;
 pub mod cpu_pool;
 #[cfg(feature = "cuda")]
+mod cuda_graphs;
+#[cfg(feature = "cuda")]
 pub mod cuda_ops;
 pub mod error;
 pub mod hf;

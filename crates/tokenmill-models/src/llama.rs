@@ -326,6 +326,10 @@ pub struct Llama {
     /// asks for candle's ops instead, to compare the two).
     #[cfg(feature = "cuda")]
     gpu: Option<crate::cuda_ops::GpuKernels>,
+    /// Decode steps as CUDA graphs (with our kernels, unless
+    /// `TOKENMILL_CUDA_GRAPHS=0`).
+    #[cfg(feature = "cuda")]
+    graphs: Option<crate::cuda_graphs::DecodeGraphs>,
 }
 
 /// Reads a GGUF file's tensors by name.
@@ -539,6 +543,10 @@ impl Llama {
         } else {
             crate::cuda_ops::GpuKernels::new(device)?
         };
+        #[cfg(feature = "cuda")]
+        let graphs = (gpu.is_some()
+            && !std::env::var("TOKENMILL_CUDA_GRAPHS").is_ok_and(|v| v == "0"))
+        .then(crate::cuda_graphs::DecodeGraphs::new);
         Ok(Llama {
             rotary: Rotary::new(&cfg, device)?,
             cfg,
@@ -549,6 +557,8 @@ impl Llama {
             device: device.clone(),
             #[cfg(feature = "cuda")]
             gpu,
+            #[cfg(feature = "cuda")]
+            graphs,
         })
     }
 
@@ -622,7 +632,8 @@ impl Llama {
     /// rows, keys and values written straight into their cache slots, paged
     /// attention reading the cache through the block tables, and
     /// SiLU-and-multiply on the fused gate|up rows; the matmuls are
-    /// candle's (cuBLAS, or its quantized kernels for GGUF weights).
+    /// candle's (cuBLAS, or its quantized kernels for GGUF weights). Decode
+    /// steps replay CUDA graphs ([`crate::cuda_graphs`]) when they can.
     #[cfg(feature = "cuda")]
     fn forward_kernels(
         &self,
@@ -631,17 +642,8 @@ impl Llama {
         cache: &PagedKvCache,
     ) -> Result<Tensor> {
         use tokenmill_kernels::paged::{ChunkSpec, PagedMeta};
-        use tokenmill_kernels::reference::attention::AttentionShape;
-        use tokenmill_kernels::reference::rotary::RotaryStyle;
 
-        let cfg = &self.cfg;
-        let (q_width, kv_width) = (cfg.num_heads * cfg.head_dim, cfg.kv_width());
-        let shape = AttentionShape {
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            q_row_stride: q_width + 2 * kv_width,
-        };
+        let shape = self.attention_shape();
         let meta = PagedMeta::new(
             cache.block_size(),
             cache.num_blocks(),
@@ -652,14 +654,68 @@ impl Llama {
             }),
         )
         .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
+        // A decode step asks for every row: the graph's logits are those.
+        let all_rows = batch.logit_rows() == batch.tokens.len();
+        if let (Some(graphs), true, true) = (&self.graphs, meta.is_decode_only(), all_rows) {
+            if let Some(logits) = graphs.run(self, gpu, &batch.tokens, &meta, &shape, cache)? {
+                return Ok(logits);
+            }
+        }
         let meta = gpu.upload_meta(meta, &shape)?;
+        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let normed = self.kernel_layers(gpu, &tokens, &meta, cache)?;
+        let rows = self.logit_rows(&normed, batch)?;
+        self.lm_head.forward(&rows)
+    }
+
+    /// Heads and widths for the attention kernels (q read from the fused
+    /// qkv rows).
+    #[cfg(feature = "cuda")]
+    fn attention_shape(&self) -> tokenmill_kernels::reference::attention::AttentionShape {
+        let cfg = &self.cfg;
+        tokenmill_kernels::reference::attention::AttentionShape {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            q_row_stride: (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+        }
+    }
+
+    /// A decode step's logits for every token, everything on the stream
+    /// (no host copies): what a decode graph captures.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn decode_body(
+        &self,
+        gpu: &crate::cuda_ops::GpuKernels,
+        tokens: &Tensor,
+        meta: &tokenmill_kernels::cuda::launch::DeviceMeta,
+        cache: &PagedKvCache,
+    ) -> Result<Tensor> {
+        let normed = self.kernel_layers(gpu, tokens, meta, cache)?;
+        self.lm_head.forward(&normed)
+    }
+
+    /// Embeddings through the final norm for the step's `tokens` (a u32
+    /// tensor on the device): `[tokens, hidden]`.
+    #[cfg(feature = "cuda")]
+    fn kernel_layers(
+        &self,
+        gpu: &crate::cuda_ops::GpuKernels,
+        tokens: &Tensor,
+        meta: &tokenmill_kernels::cuda::launch::DeviceMeta,
+        cache: &PagedKvCache,
+    ) -> Result<Tensor> {
+        use tokenmill_kernels::reference::rotary::RotaryStyle;
+
+        let cfg = &self.cfg;
+        let shape = self.attention_shape();
+        let (q_width, kv_width) = (cfg.num_heads * cfg.head_dim, cfg.kv_width());
         let style = if self.rotary.neox {
             RotaryStyle::Neox
         } else {
             RotaryStyle::Interleaved
         };
-        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let mut residual = self.embeddings.index_select(&tokens, 0)?;
+        let mut residual = self.embeddings.index_select(tokens, 0)?;
         // The last sublayer's output, added to the residual by the next norm.
         let mut pending: Option<Tensor> = None;
         for (index, layer) in self.layers.iter().enumerate() {
@@ -681,15 +737,15 @@ impl Llama {
                 &qkv,
                 cfg.num_heads + cfg.num_kv_heads,
                 cfg.head_dim,
-                &meta,
+                meta,
                 &self.rotary.cos,
                 &self.rotary.sin,
                 style,
             )?;
             let (k_cache, v_cache) = cache.layer(index);
-            gpu.write_cache(k_cache, &qkv, q_width, kv_width, &meta)?;
-            gpu.write_cache(v_cache, &qkv, q_width + kv_width, kv_width, &meta)?;
-            let attn = gpu.paged_attention(&meta, &shape, &qkv, k_cache, v_cache)?;
+            gpu.write_cache(k_cache, &qkv, q_width, kv_width, meta)?;
+            gpu.write_cache(v_cache, &qkv, q_width + kv_width, kv_width, meta)?;
+            let attn = gpu.paged_attention(meta, &shape, &qkv, k_cache, v_cache)?;
             let attn = layer.attn.o.forward(&attn)?;
             let (sum, normed) = gpu.fused_add_rms_norm(
                 &attn,
@@ -701,15 +757,13 @@ impl Llama {
             let gate_up = layer.mlp.gate_up.forward(&normed)?.contiguous()?;
             pending = Some(layer.mlp.down.forward(&gpu.silu_and_mul(&gate_up)?)?);
         }
-        let normed = match pending {
+        Ok(match pending {
             Some(x) => {
                 gpu.fused_add_rms_norm(&x, &residual, &self.final_norm.weight, self.final_norm.eps)?
                     .1
             }
             None => gpu.rms_norm(&residual, &self.final_norm.weight, self.final_norm.eps)?,
-        };
-        let rows = self.logit_rows(&normed, batch)?;
-        self.lm_head.forward(&rows)
+        })
     }
 
     /// Samples a token from each row of `logits` (`[rows, vocab]`, as

@@ -10,8 +10,8 @@ use crate::geometry;
 use crate::reference;
 use crate::reference::rotary::RotaryStyle;
 use crate::testing::{self, Rng};
-use crate::{Element, KernelError, Result};
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use crate::{KernelError, Result};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use half::{bf16, f16};
 
 /// One kernel on one shape and type.
@@ -33,7 +33,8 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    fn new(
+    /// A report; it passes when `error` is a number within `tolerance`.
+    pub fn new(
         kernel: &str,
         dtype: &'static str,
         shape: String,
@@ -65,12 +66,9 @@ impl CheckReport {
     }
 }
 
-fn up<T: DeviceElement>(kernels: &Kernels, host: &[T]) -> Result<CudaSlice<T>> {
-    let host = if host.is_empty() {
-        &[T::from_f32(0.0)][..]
-    } else {
-        host
-    };
+fn up<T: DeviceRepr + Default + Clone>(kernels: &Kernels, host: &[T]) -> Result<CudaSlice<T>> {
+    let one = [T::default()];
+    let host = if host.is_empty() { &one[..] } else { host };
     kernels
         .stream()
         .clone_htod(host)

@@ -28,7 +28,7 @@ fn config(launch: Launch) -> LaunchConfig {
     }
 }
 
-fn cuda<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> KernelError + '_ {
+fn cuda<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> KernelError + '_ {
     move |e| KernelError::Cuda(format!("{what}: {e}"))
 }
 
@@ -186,6 +186,9 @@ pub struct DeviceMeta {
     positions: CudaSlice<u32>,
     slot_mapping: CudaSlice<u32>,
     prefill: Option<DevicePrefill>,
+    /// Plan the decode split for contexts up to this long rather than for
+    /// this step's longest (a CUDA graph keeps its launches across steps).
+    context_capacity: Option<usize>,
 }
 
 struct DevicePrefill {
@@ -224,7 +227,50 @@ impl DeviceMeta {
             slot_mapping: up(&meta.slot_mapping)?,
             prefill,
             meta,
+            context_capacity: None,
         })
+    }
+
+    /// Plans the decode kernels for contexts up to `capacity` tokens
+    /// (partitions past a context return at once).
+    pub fn with_context_capacity(mut self, capacity: usize) -> Self {
+        self.context_capacity = Some(capacity);
+        self
+    }
+
+    /// Replaces the metadata of a decode step in place, in the same device
+    /// buffers (which a captured CUDA graph reads): the new step must have
+    /// as many tokens, sequences and table columns, and fit the context
+    /// capacity.
+    pub fn update(&mut self, kernels: &Kernels, meta: PagedMeta) -> Result<()> {
+        let same = meta.is_decode_only()
+            && self.prefill.is_none()
+            && meta.num_tokens() == self.meta.num_tokens()
+            && meta.num_seqs() == self.meta.num_seqs()
+            && meta.max_blocks == self.meta.max_blocks
+            && meta.block_size == self.meta.block_size
+            && self.context_capacity.is_none_or(|c| meta.max_context <= c);
+        if !same {
+            return Err(KernelError::Invalid(
+                "a step of another shape than the buffers it would replace".into(),
+            ));
+        }
+        let stream = kernels.stream();
+        let copy = cuda("updating step metadata");
+        stream
+            .memcpy_htod(&meta.block_tables, &mut self.block_tables)
+            .map_err(&copy)?;
+        stream
+            .memcpy_htod(&meta.token_seq, &mut self.token_seq)
+            .map_err(&copy)?;
+        stream
+            .memcpy_htod(&meta.positions, &mut self.positions)
+            .map_err(&copy)?;
+        stream
+            .memcpy_htod(&meta.slot_mapping, &mut self.slot_mapping)
+            .map_err(&copy)?;
+        self.meta = meta;
+        Ok(())
     }
 
     /// The tokens' positions on the device (for the rotary kernel).
@@ -411,7 +457,9 @@ pub fn paged_attention<T: DeviceElement>(
             let plan = geometry::decode_plan(
                 shape.num_heads,
                 tokens,
-                m.max_context,
+                meta.context_capacity
+                    .unwrap_or(m.max_context)
+                    .max(m.max_context),
                 shape.head_dim,
                 multiprocessors,
             )?;

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod check;
 pub mod launch;
+pub mod sampling;
 
 /// The embedded fatbins: `ALL` lists `(module name, bytes)`, one per
 /// `kernels/*.cu`.

@@ -347,7 +347,7 @@ fn random_logits(draws: &mut Draws, rows: usize, vocab: usize) -> Vec<f32> {
 /// Row `r`'s parameters: the rows of a batch cycle through greedy,
 /// temperature alone, top-k, top-p, both, and top-k 1, with random values.
 fn random_params(draws: &mut Draws, r: usize, vocab: usize) -> SamplingParamsRow {
-    let temperature = [0.0, 0.3, 0.7, 1.0, 1.5][draws.below(5) as usize];
+    let temperature: f32 = [0.0, 0.3, 0.7, 1.0, 1.5][draws.below(5) as usize];
     let top_k = 1 + draws.below(vocab.min(200) as u64) as u32;
     let top_p = 0.05 + 0.9 * draws.unit();
     let (top_k, top_p, temperature) = match r % 6 {

@@ -2,11 +2,13 @@
 //! blocks (a forked sequence's partly filled block, for `n > 1`).
 
 use crate::element::Element;
+use crate::paged::PAD_SLOT;
 
 /// `tm_write_cache`: row `t` of `src` (`width` elements at
 /// `t * src_stride`, so the fused qkv rows are read in place) goes to slot
-/// `slot_mapping[t]` of `cache` (`[slots, width]`). Keys and values are
-/// written by one call each.
+/// `slot_mapping[t]` of `cache` (`[slots, width]`); rows mapped to
+/// [`PAD_SLOT`] (padding of a CUDA graph's batch) are not written. Keys and
+/// values are written by one call each.
 ///
 /// # Panics
 /// If a slot or a row lies outside its slice (callers build the mapping
@@ -19,6 +21,9 @@ pub fn write_cache<T: Element>(
     cache: &mut [T],
 ) {
     for (token, slot) in slot_mapping.iter().enumerate() {
+        if *slot == PAD_SLOT {
+            continue;
+        }
         let (from, to) = (token * src_stride, *slot as usize * width);
         cache[to..to + width].copy_from_slice(&src[from..from + width]);
     }
@@ -94,6 +99,10 @@ mod tests {
         }
         assert_eq!(&v_cache[10..12], &[-0.0, -1.0]);
         assert_eq!(&v_cache[0..2], &[-10.0, -11.0]);
+        // A padding row writes nothing.
+        let before = k_cache.clone();
+        write_cache(&[PAD_SLOT], 2, &[7.0, 7.0], 2, &mut k_cache);
+        assert_eq!(format!("{before:?}"), format!("{k_cache:?}"));
     }
 
     #[test]
