@@ -24,6 +24,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 };
 use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::{Device, Tensor};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tokenmill_kernels::cuda::launch::DeviceMeta;
@@ -80,10 +81,11 @@ impl DecodeGraphs {
         shape: &AttentionShape,
         cache: &PagedKvCache,
     ) -> Result<Option<Tensor>> {
-        let mut state = self
+        let mut guard = self
             .state
             .lock()
             .map_err(|_| ModelError::Unsupported("decode graphs poisoned".into()))?;
+        let state = &mut *guard;
         if state.failed {
             return Ok(None);
         }
@@ -93,13 +95,14 @@ impl DecodeGraphs {
         let context_length = model.config().context_length;
         let class = graph_context_class(meta.max_context, context_length);
         let table_width = context_length.div_ceil(meta.block_size);
-        let padded = meta
-            .padded_decode(batch, table_width)
-            .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
+        // A step whose tables do not fit the graph's runs eagerly.
+        let Ok(padded) = meta.padded_decode(batch, table_width) else {
+            return Ok(None);
+        };
         let mut padded_tokens = tokens.to_vec();
         padded_tokens.resize(batch, 0);
         let key = (batch, class);
-        if !state.graphs.contains_key(&key) {
+        if let Entry::Vacant(slot) = state.graphs.entry(key) {
             let started = std::time::Instant::now();
             match capture(
                 model,
@@ -117,7 +120,7 @@ impl DecodeGraphs {
                         ms = started.elapsed().as_secs_f64() * 1e3,
                         "captured a decode CUDA graph"
                     );
-                    state.graphs.insert(key, graph);
+                    slot.insert(graph);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "CUDA graph capture failed; decoding without graphs");

@@ -159,15 +159,15 @@ impl GpuKernels {
         })
     }
 
-    /// Rotates the first `num_heads` heads of each row of `qkv` in place.
+    /// Rotates the first `num_heads` heads of each row of `qkv` in place by
+    /// the tables `(cos, sin)` (`[positions, head_dim / 2]`, f32).
     pub fn rotary_in_place(
         &self,
         qkv: &Tensor,
         num_heads: usize,
         head_dim: usize,
         meta: &DeviceMeta,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         style: RotaryStyle,
     ) -> Result<()> {
         let row_stride = qkv.dim(1)?;

@@ -738,8 +738,7 @@ impl Llama {
                 cfg.num_heads + cfg.num_kv_heads,
                 cfg.head_dim,
                 meta,
-                &self.rotary.cos,
-                &self.rotary.sin,
+                (&self.rotary.cos, &self.rotary.sin),
                 style,
             )?;
             let (k_cache, v_cache) = cache.layer(index);

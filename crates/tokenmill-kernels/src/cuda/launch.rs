@@ -385,7 +385,7 @@ pub fn paged_attention<T: DeviceElement>(
     let tokens = m.num_tokens();
     let width = shape.num_heads * shape.head_dim;
     geometry::check_head_dim(shape.head_dim)?;
-    if shape.num_kv_heads == 0 || shape.num_heads % shape.num_kv_heads != 0 {
+    if shape.num_kv_heads == 0 || !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
         return Err(KernelError::Invalid(format!(
             "{} query heads over {} kv heads",
             shape.num_heads, shape.num_kv_heads
