@@ -84,13 +84,13 @@ def free_port() -> int:
 class Server:
     """`tokenmill serve` on a free loopback port, logging to a file under the output folder."""
 
-    def __init__(self, args: argparse.Namespace, name: str, extra: list[str]):
+    def __init__(self, args: argparse.Namespace, name: str, extra: list[str], env: dict[str, str] | None = None):
         self.port = free_port()
         self.log = args.out / f"serve-{name}.log"
         argv = [str(args.bin), "serve", "--host", "127.0.0.1", "--port", str(self.port), "--no-auth",
                 "--no-ledger", "--served-model-name", "m", *extra]
         self.proc = subprocess.Popen(argv, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + args.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -214,16 +214,7 @@ def check_kernels(args: argparse.Namespace) -> dict[str, Any]:
 def time_to_first_token(args: argparse.Namespace, name: str, env: dict[str, str]) -> dict[str, Any]:
     """Seconds from spawning `serve` to the end of a 1-token completion."""
     started = time.monotonic()
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        server = Server(args, name, ["--model", args.smollm2, "--device", args.device])
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    server = Server(args, name, ["--model", args.smollm2, "--device", args.device], env)
     try:
         ready = time.monotonic() - started
         server.post("/v1/completions", {"model": "m", "prompt": "Hello", "max_tokens": 1, "temperature": 0})
@@ -312,17 +303,8 @@ def graphs(args: argparse.Namespace) -> dict[str, Any]:
     path.write_text(json.dumps(config))
     out: dict[str, Any] = {"config": config}
     for name, env in (("with_graphs", {}), ("without_graphs", {"TOKENMILL_CUDA_GRAPHS": "0"})):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            server = Server(args, f"graphs-{name}", ["--model", args.smollm2, "--random-weights", str(path),
-                                                     "--device", args.device, "--max-num-seqs", "8"])
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        server = Server(args, f"graphs-{name}", ["--model", args.smollm2, "--random-weights", str(path),
+                                                 "--device", args.device, "--max-num-seqs", "8"], env)
         try:
             run([str(args.bin), "bench", "serve", "--base-url", f"http://127.0.0.1:{server.port}/v1", "--model",
                  "m", "--tokenizer", args.smollm2, "--sweep", "concurrency=1,8", "--input-len", "32",
