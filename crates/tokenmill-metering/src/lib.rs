@@ -21,19 +21,23 @@
 //!
 //! ```no_run
 //! use tokenmill_metering::{keys, Ledger, LedgerConfig, RecordBody};
-//! # fn usage() -> tokenmill_protocol::UsageEvent { unimplemented!() }
-//! let signer = keys::load_signer("/var/lib/tokenmill/ledger.key".as_ref())?;
-//! let config = LedgerConfig::new("/var/lib/tokenmill/ledger", "tokenmill.example/ledger");
-//! let (ledger, report) = Ledger::open(config, signer)?;
-//! for torn in &report.set_aside {
-//!     eprintln!("torn tail of {} set aside in {}", torn.file.display(), torn.moved_to.display());
+//! use tokenmill_protocol::UsageEvent;
+//!
+//! /// Opens the ledger and bills one request's usage.
+//! fn bill(usage: UsageEvent) -> Result<(), Box<dyn std::error::Error>> {
+//!     let signer = keys::load_signer("/var/lib/tokenmill/ledger.key".as_ref())?;
+//!     let config = LedgerConfig::new("/var/lib/tokenmill/ledger", "tokenmill.example/ledger");
+//!     let (ledger, report) = Ledger::open(config, signer)?;
+//!     for torn in &report.set_aside {
+//!         eprintln!("torn tail of {} set aside in {}", torn.file.display(), torn.moved_to.display());
+//!     }
+//!     ledger.append(&RecordBody::Usage(usage), Box::new(|result| match result {
+//!         Ok(receipt) => { /* send the final response; receipt.seq, receipt.hash */ }
+//!         Err(_) => { /* answer 503 */ }
+//!     }));
+//!     ledger.close()?;
+//!     Ok(())
 //! }
-//! ledger.append(&RecordBody::Usage(usage()), Box::new(|result| match result {
-//!     Ok(receipt) => { /* send the final response; receipt.seq, receipt.hash */ }
-//!     Err(_) => { /* answer 503 */ }
-//! }));
-//! ledger.close()?;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

@@ -19,13 +19,17 @@
 //! statement's JSON, with worked examples that the tests check.
 //!
 //! ```no_run
+//! use tokenmill_metering::VerifierKey;
 //! use tokenmill_settlement::{render, settle, source, Contract, Month};
-//! # fn keys() -> Vec<tokenmill_metering::VerifierKey> { unimplemented!() }
-//! let contract = Contract::load("contract.toml".as_ref())?;
-//! let ledger = source::load("ledger".as_ref(), &keys())?;
-//! let statement = settle(&contract, &ledger, Month::parse("2025-02")?)?;
-//! print!("{}", render::text(&statement));
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//!
+//! /// Prints February's statement from a ledger signed by `keys`.
+//! fn print_statement(keys: &[VerifierKey]) -> Result<(), Box<dyn std::error::Error>> {
+//!     let contract = Contract::load("contract.toml".as_ref())?;
+//!     let ledger = source::load("ledger".as_ref(), keys)?;
+//!     let statement = settle(&contract, &ledger, Month::parse("2025-02")?)?;
+//!     print!("{}", render::text(&statement));
+//!     Ok(())
+//! }
 //! ```
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
