@@ -13,7 +13,11 @@
 //!   (block tables, context lengths, slot mapping), built on the host.
 //! - [`geometry`]: how each kernel is launched (grids, blocks, shared
 //!   memory, flash-decoding partitions, prefill tiles), as plain functions.
+//! - [`check`]: the suite that runs every kernel against its reference,
+//!   on any backend that executes the kernels' code: the GPU, or the CPU
+//!   emulator of `kernels/*.cu` (the tokenmill-kernels-emu crate) in CI.
 
+pub mod check;
 pub mod element;
 pub mod geometry;
 pub mod paged;

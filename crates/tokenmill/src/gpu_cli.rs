@@ -53,7 +53,7 @@ fn kernels(args: KernelsArgs) -> anyhow::Result<()> {
 #[cfg(feature = "cuda")]
 fn kernels(args: KernelsArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    use tokenmill_kernels::cuda::{check, sampling, Kernels};
+    use tokenmill_kernels::cuda::{check, Kernels};
 
     let (device, name) = crate::device::open(args.device)?;
     let candle_core::Device::Cuda(cuda) = &device else {
@@ -67,17 +67,8 @@ fn kernels(args: KernelsArgs) -> anyhow::Result<()> {
         "{loaded} kernel modules loaded in {:.1} ms; inputs from seed {seed}",
         started.elapsed().as_secs_f64() * 1e3
     );
-    let mut reports = check::check_all(&kernels, seed).context("running the kernel checks")?;
-    // The sampler must match its reference to the bit.
-    reports.extend(sampling::check(&kernels, seed).into_iter().map(|c| {
-        check::CheckReport::new(
-            "sample",
-            "f32",
-            format!("{}: {}", c.name, c.detail),
-            c.passed.then_some(0.0),
-            0.0,
-        )
-    }));
+    // Every kernel against its reference (the sampler to the bit).
+    let reports = check::check_all(&kernels, seed).context("running the kernel checks")?;
     let failed = reports.iter().filter(|r| !r.passed).count();
     for r in &reports {
         println!(

@@ -1,6 +1,6 @@
 //! Sampling on the device: launches `tm_sample_f32` (kernels/sampling.cu),
-//! and checks it against [`crate::reference::sampling`], which it must match
-//! to the bit (the reference explains why it can).
+//! which must match [`crate::reference::sampling`] to the bit (the reference
+//! explains why it can; [`crate::check`] checks it).
 //!
 //! Only the chosen tokens and their logprobs cross back to the host (a few
 //! bytes a row), not the `[rows, vocab]` logits: that copy and a host-side
@@ -8,7 +8,7 @@
 
 use super::Kernels;
 use crate::reference::sampling::{
-    self as reference, splitmix64, SampledRow, SamplingParamsRow, MAX_TOP_LOGPROBS, NO_TOKEN,
+    self as reference, SampleOutputs, SampledRow, SamplingParamsRow, MAX_TOP_LOGPROBS,
 };
 use crate::{KernelError, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
@@ -28,7 +28,7 @@ pub struct DeviceSamples {
     /// Its log-probability: `[rows]`.
     pub logprobs: CudaSlice<f32>,
     /// The top alternatives: `[rows, 20]`; slots past a row's `num_logprobs`
-    /// (or past the vocabulary) hold [`NO_TOKEN`].
+    /// (or past the vocabulary) hold [`reference::NO_TOKEN`].
     pub top_ids: CudaSlice<u32>,
     /// Their log-probabilities: `[rows, 20]` (`-inf` in unused slots).
     pub top_logprobs: CudaSlice<f32>,
@@ -95,40 +95,16 @@ pub fn sample_on_device(
     })
 }
 
-/// The outputs, copied back as they are (20 slots a row).
-struct HostSamples {
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
-    top_ids: Vec<u32>,
-    top_logprobs: Vec<f32>,
-}
-
-fn download(kernels: &Kernels, samples: &DeviceSamples) -> Result<HostSamples> {
+/// Copies a launch's outputs back to the host (waiting for the stream).
+pub fn download(kernels: &Kernels, samples: &DeviceSamples) -> Result<SampleOutputs> {
     let stream = kernels.stream();
     let copy = cuda("copying the samples back");
-    Ok(HostSamples {
+    Ok(SampleOutputs {
         tokens: stream.clone_dtoh(&samples.tokens).map_err(&copy)?,
-        logprobs: stream.clone_dtoh(&samples.logprobs).map_err(&copy)?,
+        token_logprobs: stream.clone_dtoh(&samples.logprobs).map_err(&copy)?,
         top_ids: stream.clone_dtoh(&samples.top_ids).map_err(&copy)?,
         top_logprobs: stream.clone_dtoh(&samples.top_logprobs).map_err(&copy)?,
     })
-}
-
-fn decode(host: &HostSamples, params: &[SamplingParamsRow]) -> Vec<SampledRow> {
-    params
-        .iter()
-        .enumerate()
-        .map(|(r, p)| {
-            let slots = r * MAX_TOP_LOGPROBS..(r + 1) * MAX_TOP_LOGPROBS;
-            SampledRow::from_outputs(
-                host.tokens[r],
-                host.logprobs[r],
-                &host.top_ids[slots.clone()],
-                &host.top_logprobs[slots],
-                p.num_logprobs,
-            )
-        })
-        .collect()
 }
 
 /// Samples every row of `logits` and returns the rows to the host (waiting
@@ -144,7 +120,7 @@ pub fn sample(
         return Ok(Vec::new());
     }
     let samples = sample_on_device(kernels, logits, vocab, params)?;
-    Ok(decode(&download(kernels, &samples)?, params))
+    Ok(download(kernels, &samples)?.rows(params))
 }
 
 /// [`sample`] for a candle tensor: `[rows, vocab]`, f32, contiguous, on
@@ -186,184 +162,4 @@ pub fn sample_tensor(
         .as_cuda_slice::<f32>()
         .map_err(|e| KernelError::Invalid(format!("logits: {e}")))?;
     sample(kernels, &slice.slice(start..end), vocab, params)
-}
-
-/// The outcome of one case of [`check`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct SamplingCheck {
-    /// What was run (`tm_sample_f32 8x128256`).
-    pub name: String,
-    /// Whether the kernel matched the reference to the bit.
-    pub passed: bool,
-    /// What was compared, or the first difference.
-    pub detail: String,
-}
-
-/// The vocabularies [`check`] samples from: one token, sizes that are not a
-/// whole number of warps or blocks, and real models' (SmolLM 49152,
-/// Llama 3 128256).
-pub const CHECK_VOCABS: [usize; 6] = [1, 7, 1000, 4099, 49_152, 128_256];
-/// The batch sizes [`check`] uses with each vocabulary.
-pub const CHECK_BATCHES: [usize; 3] = [1, 3, 8];
-
-/// Runs the kernel on fresh random logits (drawn from `seed`) and random
-/// parameters of every kind, for each of [`CHECK_VOCABS`] and
-/// [`CHECK_BATCHES`], and compares every output with the reference to the
-/// bit; also checks that unused top slots hold [`NO_TOKEN`] and `-inf`, and
-/// that a second launch gives the same bits.
-pub fn check(kernels: &Kernels, seed: u64) -> Vec<SamplingCheck> {
-    let mut draws = Draws(seed);
-    let mut reports = Vec::new();
-    for vocab in CHECK_VOCABS {
-        for rows in CHECK_BATCHES {
-            let logits = random_logits(&mut draws, rows, vocab);
-            let params: Vec<SamplingParamsRow> = (0..rows)
-                .map(|r| random_params(&mut draws, r, vocab))
-                .collect();
-            let name = format!("{FUNCTION} {rows}x{vocab}");
-            let (passed, detail) = match check_case(kernels, &logits, vocab, &params) {
-                Ok(()) => (true, format!("{rows} rows bit-exact, twice")),
-                Err(detail) => (false, detail),
-            };
-            reports.push(SamplingCheck {
-                name,
-                passed,
-                detail,
-            });
-        }
-    }
-    reports
-}
-
-fn check_case(
-    kernels: &Kernels,
-    logits: &[f32],
-    vocab: usize,
-    params: &[SamplingParamsRow],
-) -> std::result::Result<(), String> {
-    let want = reference::sample_rows(logits, vocab, params).map_err(|e| e.to_string())?;
-    let stream = kernels.stream();
-    let on_device = stream
-        .clone_htod(logits)
-        .map_err(|e| format!("uploading logits: {e}"))?;
-    let mut first: Option<HostSamples> = None;
-    for launch in 0..2 {
-        let samples = sample_on_device(kernels, &on_device.as_view(), vocab, params)
-            .map_err(|e| e.to_string())?;
-        let host = download(kernels, &samples).map_err(|e| e.to_string())?;
-        let got = decode(&host, params);
-        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
-            if !g.bit_eq(w) {
-                return Err(format!(
-                    "launch {launch} row {r} ({:?}): kernel {g:?}, reference {w:?}",
-                    params[r]
-                ));
-            }
-        }
-        for (r, w) in want.iter().enumerate() {
-            let slots = r * MAX_TOP_LOGPROBS + w.top.len()..(r + 1) * MAX_TOP_LOGPROBS;
-            let unused_ok = host.top_ids[slots.clone()].iter().all(|&id| id == NO_TOKEN)
-                && host.top_logprobs[slots]
-                    .iter()
-                    .all(|&lp| lp == f32::NEG_INFINITY);
-            if !unused_ok {
-                return Err(format!("launch {launch} row {r}: unused top slots written"));
-            }
-        }
-        if let Some(first) = &first {
-            let same = first.tokens == host.tokens
-                && first.top_ids == host.top_ids
-                && bits(&first.logprobs) == bits(&host.logprobs)
-                && bits(&first.top_logprobs) == bits(&host.top_logprobs);
-            if !same {
-                return Err("a second launch gave other bits".into());
-            }
-        }
-        first = Some(host);
-    }
-    Ok(())
-}
-
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
-}
-
-/// A counter-based generator for the check's inputs (the crate has no
-/// random-number dependency outside its tests).
-struct Draws(u64);
-
-impl Draws {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(1);
-        splitmix64(self.0)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / 16_777_216.0
-    }
-
-    /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Logits of several scales, with the hazards the kernel must survive: a
-/// sprinkling of `-inf` (masked tokens), ties with the max, and one row in
-/// eight that is degenerate (all equal, all `-inf`, or NaN and `+inf`).
-fn random_logits(draws: &mut Draws, rows: usize, vocab: usize) -> Vec<f32> {
-    let mut logits = Vec::with_capacity(rows * vocab);
-    for _ in 0..rows {
-        let scale = [1.0, 4.0, 12.0, 40.0][draws.below(4) as usize];
-        let mut row: Vec<f32> = (0..vocab)
-            .map(|_| (draws.unit() * 2.0 - 1.0) * scale)
-            .collect();
-        for _ in 0..vocab / 100 {
-            let i = draws.below(vocab as u64) as usize;
-            row[i] = f32::NEG_INFINITY;
-        }
-        if vocab > 1 && draws.below(3) == 0 {
-            let best = (0..vocab).fold(0, |b, i| if row[i] > row[b] { i } else { b });
-            let twin = draws.below(vocab as u64) as usize;
-            row[twin] = row[best];
-        }
-        match draws.below(24) {
-            0 => row.fill(0.5),
-            1 => row.fill(f32::NEG_INFINITY),
-            2 => {
-                let i = draws.below(vocab as u64) as usize;
-                row[i] = f32::NAN;
-                let j = draws.below(vocab as u64) as usize;
-                row[j] = f32::INFINITY;
-            }
-            _ => {}
-        }
-        logits.extend(row);
-    }
-    logits
-}
-
-/// Row `r`'s parameters: the rows of a batch cycle through greedy,
-/// temperature alone, top-k, top-p, both, and top-k 1, with random values.
-fn random_params(draws: &mut Draws, r: usize, vocab: usize) -> SamplingParamsRow {
-    let temperature: f32 = [0.0, 0.3, 0.7, 1.0, 1.5][draws.below(5) as usize];
-    let top_k = 1 + draws.below(vocab.min(200) as u64) as u32;
-    let top_p = 0.05 + 0.9 * draws.unit();
-    let (top_k, top_p, temperature) = match r % 6 {
-        0 => (0, 1.0, 0.0),
-        1 => (0, 1.0, temperature.max(0.3)),
-        2 => (top_k, 1.0, temperature),
-        3 => (0, top_p, temperature.max(0.3)),
-        4 => (top_k, top_p, temperature.max(0.3)),
-        _ => (1, 1.0, 1.0),
-    };
-    SamplingParamsRow {
-        temperature,
-        top_k,
-        top_p,
-        seed: draws.next(),
-        step: draws.below(1 << 20),
-        num_logprobs: draws.below(MAX_TOP_LOGPROBS as u64 + 1) as u32,
-    }
 }

@@ -170,6 +170,47 @@ impl SampledRow {
     }
 }
 
+/// The sampling kernel's outputs, on the host: `tokens` and
+/// `token_logprobs` are `[rows]`, `top_ids` and `top_logprobs` `[rows, 20]`
+/// (slots past a row's `num_logprobs`, or past the vocabulary, hold
+/// [`NO_TOKEN`] and `-inf`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleOutputs {
+    pub tokens: Vec<u32>,
+    pub token_logprobs: Vec<f32>,
+    pub top_ids: Vec<u32>,
+    pub top_logprobs: Vec<f32>,
+}
+
+impl SampleOutputs {
+    /// The rows, each with the top alternatives its parameters asked for.
+    pub fn rows(&self, params: &[SamplingParamsRow]) -> Vec<SampledRow> {
+        params
+            .iter()
+            .enumerate()
+            .map(|(r, p)| {
+                let slots = r * MAX_TOP_LOGPROBS..(r + 1) * MAX_TOP_LOGPROBS;
+                SampledRow::from_outputs(
+                    self.tokens[r],
+                    self.token_logprobs[r],
+                    &self.top_ids[slots.clone()],
+                    &self.top_logprobs[slots],
+                    p.num_logprobs,
+                )
+            })
+            .collect()
+    }
+
+    /// Whether two launches wrote the same bits.
+    pub fn bit_eq(&self, other: &SampleOutputs) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.tokens == other.tokens
+            && self.top_ids == other.top_ids
+            && bits(&self.token_logprobs) == bits(&other.token_logprobs)
+            && bits(&self.top_logprobs) == bits(&other.top_logprobs)
+    }
+}
+
 /// How `tm_sample_f32` is launched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SamplingGeometry {
