@@ -163,7 +163,12 @@ impl<T: Element> KernelBackend<T> for Emulator {
         Ok(bcache.read())
     }
 
-    fn paged_attention(&self, case: &AttentionCase<T>, multiprocessors: usize) -> Result<Vec<T>> {
+    fn paged_attention(
+        &self,
+        case: &AttentionCase<T>,
+        multiprocessors: usize,
+        context_capacity: Option<usize>,
+    ) -> Result<Vec<T>> {
         let (m, shape) = (&case.meta, &case.shape);
         let tokens = m.num_tokens();
         let width = shape.num_heads * shape.head_dim;
@@ -222,7 +227,7 @@ impl<T: Element> KernelBackend<T> for Emulator {
         let plan = geometry::decode_plan(
             shape.num_heads,
             tokens,
-            m.max_context,
+            context_capacity.unwrap_or(m.max_context).max(m.max_context),
             shape.head_dim,
             multiprocessors,
         )?;

@@ -60,9 +60,16 @@ pub trait KernelBackend<T: Element> {
         src_stride: usize,
         cache: &[T],
     ) -> Result<Vec<T>>;
-    /// Paged attention of the case's step (decode kernels for a decode-only
-    /// step, split as for a GPU of `multiprocessors` SMs; prefill otherwise).
-    fn paged_attention(&self, case: &AttentionCase<T>, multiprocessors: usize) -> Result<Vec<T>>;
+    /// Paged attention of the case's step: the decode kernels for a
+    /// decode-only step, split as for a GPU of `multiprocessors` SMs and
+    /// planned for contexts up to `context_capacity` (as a CUDA graph is);
+    /// the prefill kernel otherwise.
+    fn paged_attention(
+        &self,
+        case: &AttentionCase<T>,
+        multiprocessors: usize,
+        context_capacity: Option<usize>,
+    ) -> Result<Vec<T>>;
     /// `tm_copy_blocks`; returns the cache.
     fn copy_blocks(&self, cache: &[T], pairs: &[(u32, u32)], block_elems: usize) -> Result<Vec<T>>;
 }
@@ -263,7 +270,7 @@ pub fn check_type<T: Element, B: KernelBackend<T>>(
                     &[sms]
                 };
                 for &split_sms in splits {
-                    let got = to_f32_vec(&backend.paged_attention(&c, split_sms)?);
+                    let got = to_f32_vec(&backend.paged_attention(&c, split_sms, None)?);
                     let want = if kind == "decode" {
                         let plan = geometry::decode_plan(
                             shape.num_heads,
@@ -290,6 +297,9 @@ pub fn check_type<T: Element, B: KernelBackend<T>>(
                         tol * 2.0,
                     ));
                 }
+                if kind == "decode" {
+                    reports.extend(check_graph_step(backend, rng, &c, sms, &words)?);
+                }
             }
         }
     }
@@ -306,6 +316,73 @@ pub fn check_type<T: Element, B: KernelBackend<T>>(
         "3 pairs of 10 blocks".into(),
         (got == want).then_some(0.0),
         0.0,
+    ));
+    Ok(reports)
+}
+
+/// A decode step as a CUDA graph replays it: padded to a captured batch
+/// of 8 sequences (padding rows write no cache slot and read block 0),
+/// block tables wider than needed, and the flash-decoding split planned for
+/// the step's context class rather than its longest context.
+fn check_graph_step<T: Element, B: KernelBackend<T>>(
+    backend: &B,
+    rng: &mut Rng,
+    case: &AttentionCase<T>,
+    sms: usize,
+    words: &str,
+) -> Result<Vec<CheckReport>> {
+    const BATCH: usize = 8;
+    let shape = case.shape;
+    let meta = case.meta.padded_decode(BATCH, case.meta.max_blocks + 3)?;
+    let mut q = case.q.clone();
+    q.extend(rng.values::<T>(
+        (BATCH - case.meta.num_tokens()) * shape.q_row_stride,
+        -2.0,
+        2.0,
+    ));
+    let padded = AttentionCase {
+        meta,
+        q,
+        ..case.clone()
+    };
+    let words = format!("{words}, padded to {BATCH}");
+
+    let kv_width = shape.kv_width();
+    let src: Vec<T> = rng.values(BATCH * kv_width, -2.0, 2.0);
+    let got = backend.write_cache(&padded.meta, &shape, &src, kv_width, &case.k_cache)?;
+    let mut want = case.k_cache.clone();
+    reference::cache::write_cache(
+        &padded.meta.slot_mapping,
+        kv_width,
+        &src,
+        kv_width,
+        &mut want,
+    );
+    let mut reports = vec![CheckReport::new(
+        "write_cache",
+        T::NAME,
+        words.clone(),
+        (got == want).then_some(0.0),
+        0.0,
+    )];
+
+    let capacity = geometry::graph_context_class(case.meta.max_context, 8192);
+    let got = to_f32_vec(&backend.paged_attention(&padded, sms, Some(capacity))?);
+    let plan = geometry::decode_plan(shape.num_heads, BATCH, capacity, shape.head_dim, sms)?;
+    let want = reference::attention::paged_decode(
+        &padded.meta,
+        &shape,
+        &plan,
+        &padded.q,
+        &padded.k_cache,
+        &padded.v_cache,
+    );
+    reports.push(CheckReport::new(
+        "paged_decode",
+        T::NAME,
+        format!("{words}, planned for {capacity}, {sms} SMs"),
+        compare(&got, &to_f32_vec(&want), testing::ATTENTION_OUTPUT_SCALE),
+        T::TOLERANCE * 2.0,
     ));
     Ok(reports)
 }

@@ -143,8 +143,16 @@ impl<T: DeviceElement + Default> KernelBackend<T> for Gpu<'_> {
         self.down(&dcache, cache.len())
     }
 
-    fn paged_attention(&self, case: &AttentionCase<T>, multiprocessors: usize) -> Result<Vec<T>> {
-        let meta = DeviceMeta::upload(self.0, case.meta.clone(), &case.shape)?;
+    fn paged_attention(
+        &self,
+        case: &AttentionCase<T>,
+        multiprocessors: usize,
+        context_capacity: Option<usize>,
+    ) -> Result<Vec<T>> {
+        let mut meta = DeviceMeta::upload(self.0, case.meta.clone(), &case.shape)?;
+        if let Some(capacity) = context_capacity {
+            meta = meta.with_context_capacity(capacity);
+        }
         let (dq, dk, dv) = (
             self.up(&case.q)?,
             self.up(&case.k_cache)?,
