@@ -21,16 +21,7 @@ fn seed() -> u64 {
 
 fn assert_all_pass(reports: &[CheckReport]) {
     for r in reports {
-        eprintln!(
-            "{} {:<20} {:<5} {:<10} tol {:<8} {}",
-            if r.passed { "ok  " } else { "FAIL" },
-            r.kernel,
-            r.dtype,
-            r.max_error
-                .map_or("NaN".to_string(), |e| format!("{e:.2e}")),
-            r.tolerance,
-            r.shape
-        );
+        eprintln!("{r}");
     }
     let failed: Vec<_> = reports.iter().filter(|r| !r.passed).collect();
     assert!(

@@ -139,6 +139,23 @@ impl CheckReport {
     }
 }
 
+/// One line: verdict, kernel, type, error, bound and shape.
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {:<20} {:<5} {:<10} tol {:<8} {}",
+            if self.passed { "ok  " } else { "FAIL" },
+            self.kernel,
+            self.dtype,
+            self.max_error
+                .map_or("NaN".to_string(), |e| format!("{e:.2e}")),
+            self.tolerance,
+            self.shape
+        )
+    }
+}
+
 /// Runs every check with inputs drawn from `seed`.
 pub fn check_all<B: Backend>(backend: &B, seed: u64) -> Result<Vec<CheckReport>> {
     let sms = backend.multiprocessors()?;

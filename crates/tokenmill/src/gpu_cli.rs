@@ -71,16 +71,7 @@ fn kernels(args: KernelsArgs) -> anyhow::Result<()> {
     let reports = check::check_all(&kernels, seed).context("running the kernel checks")?;
     let failed = reports.iter().filter(|r| !r.passed).count();
     for r in &reports {
-        println!(
-            "{} {:<20} {:<5} {:<10} tol {:<8} {}",
-            if r.passed { "ok  " } else { "FAIL" },
-            r.kernel,
-            r.dtype,
-            r.max_error
-                .map_or("NaN".to_string(), |e| format!("{e:.2e}")),
-            r.tolerance,
-            r.shape
-        );
+        println!("{r}");
     }
     if let Some(path) = args.json {
         let body: Vec<String> = reports.iter().map(|r| r.to_json()).collect();
