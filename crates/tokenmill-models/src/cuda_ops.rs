@@ -9,6 +9,7 @@
 //! storage exclusively while the kernel is queued.
 
 use crate::error::{ModelError, Result};
+use crate::step_kernels::StepKernels;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
@@ -94,8 +95,26 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// `rms_norm(x) * weight` over the last dimension.
-    pub fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    fn alloc<T: DeviceElement>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every kernel that receives a fresh output writes all of it
+        // before anything reads it.
+        unsafe { self.device.alloc::<T>(len.max(1)) }.map_err(ModelError::from)
+    }
+
+    fn tensor<T: CudaDType>(
+        &self,
+        slice: CudaSlice<T>,
+        shape: impl Into<candle_core::Shape>,
+    ) -> Tensor {
+        let storage = CudaStorage::wrap_cuda_slice(slice, self.device.clone());
+        Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+    }
+}
+
+impl StepKernels for GpuKernels {
+    type Meta = DeviceMeta;
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         let weight = weight.to_dtype(x.dtype())?;
         let shape = x.shape().clone();
         dispatch!(x.dtype(), T => {
@@ -111,8 +130,7 @@ impl GpuKernels {
         })
     }
 
-    /// The new residual `residual + x` and its RMSNorm.
-    pub fn fused_add_rms_norm(
+    fn fused_add_rms_norm(
         &self,
         x: &Tensor,
         residual: &Tensor,
@@ -145,8 +163,7 @@ impl GpuKernels {
         })
     }
 
-    /// `silu(gate) * up` for rows `[gate | up]`: `[rows, width]`.
-    pub fn silu_and_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
+    fn silu_and_mul(&self, gate_up: &Tensor) -> Result<Tensor> {
         let (rows, double) = gate_up.dims2()?;
         let width = double / 2;
         dispatch!(gate_up.dtype(), T => {
@@ -159,14 +176,12 @@ impl GpuKernels {
         })
     }
 
-    /// Rotates the first `num_heads` heads of each row of `qkv` in place by
-    /// the tables `(cos, sin)` (`[positions, head_dim / 2]`, f32).
-    pub fn rotary_in_place(
+    fn rotary_in_place(
         &self,
         qkv: &Tensor,
         num_heads: usize,
         head_dim: usize,
-        meta: &DeviceMeta,
+        meta: &Self::Meta,
         (cos, sin): (&Tensor, &Tensor),
         style: RotaryStyle,
     ) -> Result<()> {
@@ -184,15 +199,13 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// Writes columns `offset..offset + width` of each row of `src` into the
-    /// token's slot of `cache` (`[slots, width]`).
-    pub fn write_cache(
+    fn write_cache(
         &self,
         cache: &Tensor,
         src: &Tensor,
         offset: usize,
         width: usize,
-        meta: &DeviceMeta,
+        meta: &Self::Meta,
     ) -> Result<()> {
         cache.inplace_op1(&WriteCacheOp {
             kernels: &self.kernels,
@@ -204,11 +217,9 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// Attention of every token of the step over its cached context, the
-    /// queries read from the start of each `qkv` row: `[tokens, heads * head_dim]`.
-    pub fn paged_attention(
+    fn paged_attention(
         &self,
-        meta: &DeviceMeta,
+        meta: &Self::Meta,
         shape: &AttentionShape,
         qkv: &Tensor,
         k_cache: &Tensor,
@@ -237,21 +248,6 @@ impl GpuKernels {
             })?;
             Ok(self.tensor(out, (tokens, width)))
         })
-    }
-
-    fn alloc<T: DeviceElement>(&self, len: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: every kernel that receives a fresh output writes all of it
-        // before anything reads it.
-        unsafe { self.device.alloc::<T>(len.max(1)) }.map_err(ModelError::from)
-    }
-
-    fn tensor<T: CudaDType>(
-        &self,
-        slice: CudaSlice<T>,
-        shape: impl Into<candle_core::Shape>,
-    ) -> Tensor {
-        let storage = CudaStorage::wrap_cuda_slice(slice, self.device.clone());
-        Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
     }
 }
 

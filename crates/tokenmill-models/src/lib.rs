@@ -26,6 +26,8 @@ pub mod hf;
 pub mod kv_cache;
 pub mod llama;
 pub mod random_weights;
+#[cfg(any(test, feature = "cuda"))]
+mod step_kernels;
 pub mod tokenizer;
 
 pub use batch::{ForwardBatch, LogitRows, SequenceChunk};

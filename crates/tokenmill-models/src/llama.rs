@@ -641,19 +641,8 @@ impl Llama {
         batch: &ForwardBatch,
         cache: &PagedKvCache,
     ) -> Result<Tensor> {
-        use tokenmill_kernels::paged::{ChunkSpec, PagedMeta};
-
         let shape = self.attention_shape();
-        let meta = PagedMeta::new(
-            cache.block_size(),
-            cache.num_blocks(),
-            batch.chunks.iter().map(|c| ChunkSpec {
-                num_tokens: c.num_tokens,
-                context_len: c.context_len,
-                block_table: &c.block_table,
-            }),
-        )
-        .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
+        let meta = paged_meta(batch, cache)?;
         // A decode step asks for every row: the graph's logits are those.
         let all_rows = batch.logit_rows() == batch.tokens.len();
         if let (Some(graphs), true, true) = (&self.graphs, meta.is_decode_only(), all_rows) {
@@ -670,7 +659,7 @@ impl Llama {
 
     /// Heads and widths for the attention kernels (q read from the fused
     /// qkv rows).
-    #[cfg(feature = "cuda")]
+    #[cfg(any(test, feature = "cuda"))]
     fn attention_shape(&self) -> tokenmill_kernels::reference::attention::AttentionShape {
         let cfg = &self.cfg;
         tokenmill_kernels::reference::attention::AttentionShape {
@@ -696,13 +685,15 @@ impl Llama {
     }
 
     /// Embeddings through the final norm for the step's `tokens` (a u32
-    /// tensor on the device): `[tokens, hidden]`.
-    #[cfg(feature = "cuda")]
-    fn kernel_layers(
+    /// tensor on the device): `[tokens, hidden]`. The GPU runs it with our
+    /// CUDA kernels; the tests with their CPU references
+    /// ([`crate::step_kernels`]).
+    #[cfg(any(test, feature = "cuda"))]
+    fn kernel_layers<K: crate::step_kernels::StepKernels>(
         &self,
-        gpu: &crate::cuda_ops::GpuKernels,
+        gpu: &K,
         tokens: &Tensor,
-        meta: &tokenmill_kernels::cuda::launch::DeviceMeta,
+        meta: &K::Meta,
         cache: &PagedKvCache,
     ) -> Result<Tensor> {
         use tokenmill_kernels::reference::rotary::RotaryStyle;
@@ -962,6 +953,25 @@ impl Llama {
 
 /// `[len, ctx]` additive mask: query `i` (at position `ctx - len + i`) sees
 /// keys `0..=ctx - len + i`.
+/// The kernels' view of a batch: block tables, positions and slots.
+#[cfg(any(test, feature = "cuda"))]
+fn paged_meta(
+    batch: &ForwardBatch,
+    cache: &PagedKvCache,
+) -> Result<tokenmill_kernels::paged::PagedMeta> {
+    use tokenmill_kernels::paged::{ChunkSpec, PagedMeta};
+    PagedMeta::new(
+        cache.block_size(),
+        cache.num_blocks(),
+        batch.chunks.iter().map(|c| ChunkSpec {
+            num_tokens: c.num_tokens,
+            context_len: c.context_len,
+            block_table: &c.block_table,
+        }),
+    )
+    .map_err(|e| ModelError::InvalidBatch(e.to_string()))
+}
+
 fn causal_mask(len: usize, ctx: usize, device: &Device) -> Result<Tensor> {
     let start = ctx - len;
     let mask: Vec<f32> = (0..len)
@@ -995,3 +1005,6 @@ fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 pub fn argmax(row: &Tensor) -> Result<u32> {
     Ok(row.argmax(D::Minus1)?.to_scalar::<u32>()?)
 }
+
+#[cfg(test)]
+mod kernel_forward_tests;
