@@ -86,6 +86,27 @@ impl ForwardBatch {
             .collect()
     }
 
+    /// The kernels' view of the batch in a cache of `num_blocks` blocks of
+    /// `block_size` tokens: block tables, positions and slots.
+    #[cfg(any(test, feature = "cuda"))]
+    pub(crate) fn paged_meta(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<tokenmill_kernels::paged::PagedMeta> {
+        use tokenmill_kernels::paged::{ChunkSpec, PagedMeta};
+        PagedMeta::new(
+            block_size,
+            num_blocks,
+            self.chunks.iter().map(|c| ChunkSpec {
+                num_tokens: c.num_tokens,
+                context_len: c.context_len,
+                block_table: &c.block_table,
+            }),
+        )
+        .map_err(|e| ModelError::InvalidBatch(e.to_string()))
+    }
+
     /// Checks that the chunks add up to the tokens and that every chunk's
     /// blocks cover its context in a cache of `num_blocks` blocks of
     /// `block_size` tokens.

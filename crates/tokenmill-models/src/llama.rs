@@ -642,7 +642,7 @@ impl Llama {
         cache: &PagedKvCache,
     ) -> Result<Tensor> {
         let shape = self.attention_shape();
-        let meta = paged_meta(batch, cache)?;
+        let meta = batch.paged_meta(cache.block_size(), cache.num_blocks())?;
         // A decode step asks for every row: the graph's logits are those.
         let all_rows = batch.logit_rows() == batch.tokens.len();
         if let (Some(graphs), true, true) = (&self.graphs, meta.is_decode_only(), all_rows) {
@@ -953,25 +953,6 @@ impl Llama {
 
 /// `[len, ctx]` additive mask: query `i` (at position `ctx - len + i`) sees
 /// keys `0..=ctx - len + i`.
-/// The kernels' view of a batch: block tables, positions and slots.
-#[cfg(any(test, feature = "cuda"))]
-fn paged_meta(
-    batch: &ForwardBatch,
-    cache: &PagedKvCache,
-) -> Result<tokenmill_kernels::paged::PagedMeta> {
-    use tokenmill_kernels::paged::{ChunkSpec, PagedMeta};
-    PagedMeta::new(
-        cache.block_size(),
-        cache.num_blocks(),
-        batch.chunks.iter().map(|c| ChunkSpec {
-            num_tokens: c.num_tokens,
-            context_len: c.context_len,
-            block_table: &c.block_table,
-        }),
-    )
-    .map_err(|e| ModelError::InvalidBatch(e.to_string()))
-}
-
 fn causal_mask(len: usize, ctx: usize, device: &Device) -> Result<Tensor> {
     let start = ctx - len;
     let mask: Vec<f32> = (0..len)

@@ -45,7 +45,7 @@ impl Llama {
             self.cfg.context_length,
         )?;
         let meta = ReferenceMeta {
-            meta: paged_meta(batch, cache)?,
+            meta: batch.paged_meta(cache.block_size(), cache.num_blocks())?,
             context_capacity: None,
         };
         let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
@@ -62,7 +62,7 @@ impl Llama {
         cache: &PagedKvCache,
         graph_batch: usize,
     ) -> Result<Tensor> {
-        let meta = paged_meta(batch, cache)?;
+        let meta = batch.paged_meta(cache.block_size(), cache.num_blocks())?;
         let class = graph_context_class(meta.max_context, self.cfg.context_length);
         let table_width = self.cfg.context_length.div_ceil(meta.block_size);
         let padded = meta
