@@ -136,8 +136,8 @@ impl EngineTarget {
         if let Err(e) = self.engine.submit(generate, Box::new(StampedSink(tx))) {
             let detail = match &e {
                 SubmitError::Overloaded { .. } => "overloaded",
-                SubmitError::TooLong(_) => "too_long",
-                SubmitError::Unavailable(_) => "unavailable",
+                SubmitError::Unschedulable { .. } => "too_long",
+                SubmitError::Stopped | SubmitError::MeterUnavailable => "unavailable",
             };
             rec.fail("engine_rejected", format!("{detail}: {e}"));
             return None;
@@ -165,7 +165,7 @@ async fn follow(
                     Some(usage.tokens.completion_tokens),
                 );
                 if let Some(e) = error {
-                    rec.fail("engine_error", e);
+                    rec.fail("engine_error", e.to_string());
                 }
                 return Some(at);
             }

@@ -16,7 +16,7 @@ use tokenmill_models::{ChatTemplate, ForwardBatch, LogitRows, PagedKvCache};
 use tokenmill_models::{Llama, LoadedModel, ModelError, ModelTokenizer, TemplateMessage};
 use tokenmill_protocol::{
     ChatMessage, EngineClient, EventSink, FinishReason, GenerateRequest, MeterSink, ModelInfo,
-    SubmitError,
+    RequestFailure, SubmitError, TokenizeError,
 };
 
 /// Sizes of the engine's KV cache and steps.
@@ -123,7 +123,6 @@ pub struct Engine {
     tokenizer: Arc<ModelTokenizer>,
     chat_template: Arc<ChatTemplate>,
     commands: Sender<Command>,
-    kv_capacity_tokens: usize,
     max_in_flight: usize,
     stats: Arc<EngineStats>,
     meter: Arc<dyn MeterSink>,
@@ -194,11 +193,11 @@ impl Engine {
                 name: served_name.to_owned(),
                 context_length,
                 vocab_size,
+                kv_capacity_tokens: config.block_size * config.num_blocks,
             },
             tokenizer,
             chat_template: Arc::new(chat_template),
             commands,
-            kv_capacity_tokens: config.block_size * config.num_blocks,
             max_in_flight: config.max_in_flight,
             stats,
             meter,
@@ -231,11 +230,13 @@ impl EngineClient for Engine {
         &self.info
     }
 
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.tokenizer.encode(text).map_err(|e| e.to_string())
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        self.tokenizer
+            .encode(text)
+            .map_err(|e| TokenizeError::Tokenizer(e.to_string()))
     }
 
-    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizeError> {
         let messages: Vec<TemplateMessage<'_>> = messages
             .iter()
             .map(|m| TemplateMessage {
@@ -246,9 +247,11 @@ impl EngineClient for Engine {
         let text = self
             .chat_template
             .render(&messages)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TokenizeError::ChatTemplate(e.to_string()))?;
         // The template writes its own special tokens (BOS included, if any).
-        self.tokenizer.encode_raw(&text).map_err(|e| e.to_string())
+        self.tokenizer
+            .encode_raw(&text)
+            .map_err(|e| TokenizeError::Tokenizer(e.to_string()))
     }
 
     fn submit(
@@ -258,19 +261,14 @@ impl EngineClient for Engine {
     ) -> Result<(), SubmitError> {
         let longest =
             (request.prompt_tokens.len() + request.stop.max_tokens).min(self.info.context_length);
-        if request.prompt_tokens.is_empty() {
-            return Err(SubmitError::TooLong("the prompt is empty".to_owned()));
-        }
-        if longest > self.kv_capacity_tokens {
-            return Err(SubmitError::TooLong(format!(
-                "{longest} tokens exceed the KV cache of {} tokens",
-                self.kv_capacity_tokens
-            )));
+        if request.prompt_tokens.is_empty() || longest > self.info.kv_capacity_tokens {
+            return Err(SubmitError::Unschedulable {
+                tokens: longest,
+                limit: self.info.max_sequence_tokens(),
+            });
         }
         if !self.meter.is_healthy() {
-            return Err(SubmitError::Unavailable(
-                "usage cannot be recorded right now".to_owned(),
-            ));
+            return Err(SubmitError::MeterUnavailable);
         }
         let Some(slot) = InFlight::claim(&self.stats.in_flight, self.max_in_flight) else {
             return Err(SubmitError::Overloaded {
@@ -279,7 +277,7 @@ impl EngineClient for Engine {
         };
         self.commands
             .send(Command::Submit(Box::new(request), sink, slot))
-            .map_err(|_| SubmitError::Unavailable("the engine has stopped".to_owned()))
+            .map_err(|_| SubmitError::Stopped)
     }
 }
 
@@ -364,7 +362,7 @@ impl StepLoop {
                     tracing::error!(error = %e, "forward failed; aborting the batch");
                     self.scheduler.abort_all(
                         FinishReason::Error,
-                        &format!("model error: {e}"),
+                        Some(RequestFailure::Model(e.to_string())),
                         &self.tokenizer,
                     );
                 }
@@ -445,8 +443,7 @@ impl StepLoop {
                 self.scheduler.add(sequence);
             }
             Command::AbortAll(reason) => {
-                self.scheduler
-                    .abort_all(reason, "the server is shutting down", &self.tokenizer);
+                self.scheduler.abort_all(reason, None, &self.tokenizer);
             }
         }
     }

@@ -485,7 +485,9 @@ struct BrokenMeter {
 impl MeterSink for BrokenMeter {
     fn record_usage(&self, _: &UsageEvent, then: OnRecorded) {
         self.healthy.store(false, Ordering::SeqCst);
-        then(Err("disk full".to_owned()));
+        then(Err(tokenmill_protocol::RecordError::Write(
+            "disk full".to_owned(),
+        )));
     }
     fn record_capacity(&self, _: &CapacityRecord) {}
     fn is_healthy(&self) -> bool {
@@ -516,7 +518,7 @@ fn when_usage_cannot_be_recorded_the_client_gets_an_error_and_new_requests_are_r
     );
     assert!(matches!(
         refused,
-        Err(tokenmill_protocol::SubmitError::Unavailable(_))
+        Err(tokenmill_protocol::SubmitError::MeterUnavailable)
     ));
 }
 

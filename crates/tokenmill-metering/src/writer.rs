@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tokenmill_protocol::{CapacityRecord, MeterSink, OnRecorded, UsageEvent};
+use tokenmill_protocol::{CapacityRecord, MeterSink, OnRecorded, RecordError, UsageEvent};
 
 /// Called once per appended record, on the writer thread: `Ok` once the
 /// record is durable, `Err` if it never will be. It should only hand the
@@ -272,7 +272,13 @@ impl MeterSink for Ledger {
     fn record_usage(&self, usage: &UsageEvent, then: OnRecorded) {
         self.append(
             &RecordBody::Usage(usage.clone()),
-            Box::new(move |result| then(result.map(|_| ()).map_err(|e| e.to_string()))),
+            Box::new(move |result| {
+                then(
+                    result
+                        .map(|_| ())
+                        .map_err(|e| RecordError::Write(e.to_string())),
+                )
+            }),
         );
     }
 

@@ -274,9 +274,25 @@ pub enum GenerationEvent {
     Finished {
         /// Usage record.
         usage: UsageEvent,
-        /// A message when the reason is [`FinishReason::Error`].
-        error: Option<String>,
+        /// What went wrong when the reason is [`FinishReason::Error`].
+        error: Option<RequestFailure>,
     },
+}
+
+/// Why a request ended with [`FinishReason::Error`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestFailure {
+    /// A forward step or the sampler failed; the message is the model's.
+    #[error("model error: {0}")]
+    Model(String),
+    /// The request's usage record could not be kept, so its output is
+    /// withheld (never unbilled tokens).
+    #[error("the usage record could not be kept: {0}")]
+    NotRecorded(RecordError),
+    /// The engine let go of the request without finishing it (its step loop
+    /// stopped).
+    #[error("the engine stopped before the request finished")]
+    EngineStopped,
 }
 
 /// Receives a request's events from the engine.
@@ -323,9 +339,21 @@ pub struct TenantCapacity {
     pub tokens: u64,
 }
 
+/// Why a usage record could not be kept.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The sink tried to write or sync the record and failed; the message
+    /// is the underlying error's.
+    #[error("the record could not be written: {0}")]
+    Write(String),
+    /// The sink has stopped taking records (its writer is gone).
+    #[error("the usage sink is closed")]
+    Closed,
+}
+
 /// Called once a usage record is durable (`Ok`) or could not be kept
 /// (`Err`, with the reason).
-pub type OnRecorded = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type OnRecorded = Box<dyn FnOnce(Result<(), RecordError>) + Send>;
 
 /// Where the engine hands its usage and capacity records.
 ///
@@ -359,33 +387,49 @@ impl MeterSink for DiscardMeter {
 }
 
 /// Why the engine would not take a request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Requests reach the engine validated (the server's validator checks them
+/// against [`ModelInfo`]): these are the refusals only the engine can make,
+/// from its state at the moment of submission.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
-    /// The engine is not running (shut down or failed).
-    Unavailable(String),
-    /// The request cannot ever fit (prompt plus output over the context or the
-    /// KV cache).
-    TooLong(String),
+    /// The engine's step loop has stopped (shut down or failed).
+    #[error("the engine has stopped")]
+    Stopped,
+    /// Usage cannot be recorded right now, so no tokens may be made
+    /// (fail closed: never unmetered tokens).
+    #[error("usage cannot be recorded right now")]
+    MeterUnavailable,
     /// The queue is full; try again after this many seconds.
+    #[error("queue full, retry after {retry_after_seconds} s")]
     Overloaded {
         /// A hint for the client's `Retry-After`.
         retry_after_seconds: u64,
     },
+    /// A request that breaks [`ModelInfo`]'s limits (an empty prompt, or
+    /// more tokens than one sequence may hold). The validator refuses these
+    /// first; the engine checks again because such a sequence could never
+    /// be scheduled and would wait forever.
+    #[error("request of {tokens} tokens cannot be scheduled (at most {limit}, prompt not empty)")]
+    Unschedulable {
+        /// Prompt tokens plus the most output tokens.
+        tokens: usize,
+        /// The most one sequence may hold.
+        limit: usize,
+    },
 }
 
-impl fmt::Display for SubmitError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SubmitError::Unavailable(m) => write!(f, "engine unavailable: {m}"),
-            SubmitError::TooLong(m) => write!(f, "request too long: {m}"),
-            SubmitError::Overloaded {
-                retry_after_seconds,
-            } => write!(f, "queue full, retry after {retry_after_seconds} s"),
-        }
-    }
+/// Why text could not be turned into prompt tokens.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenizeError {
+    /// The tokenizer failed on the text; the message is the tokenizer's.
+    #[error("the tokenizer failed: {0}")]
+    Tokenizer(String),
+    /// The chat template could not render the messages; the message is the
+    /// template engine's.
+    #[error("the chat template failed: {0}")]
+    ChatTemplate(String),
 }
-
-impl std::error::Error for SubmitError {}
 
 /// Facts about the loaded model that the server needs to validate requests.
 #[derive(Clone, Debug)]
@@ -396,6 +440,17 @@ pub struct ModelInfo {
     pub context_length: usize,
     /// Token ids run from 0 to `vocab_size - 1`.
     pub vocab_size: usize,
+    /// Most tokens one sequence can hold in the engine's KV cache (it can be
+    /// less than the context when the cache is small).
+    pub kv_capacity_tokens: usize,
+}
+
+impl ModelInfo {
+    /// Most tokens (prompt plus output) one sequence may hold: the context
+    /// or the KV cache, whichever is smaller.
+    pub fn max_sequence_tokens(&self) -> usize {
+        self.context_length.min(self.kv_capacity_tokens)
+    }
 }
 
 /// The server's handle on an engine.
@@ -404,11 +459,11 @@ pub trait EngineClient: Send + Sync {
     fn model_info(&self) -> &ModelInfo;
 
     /// Tokenizes a completion prompt (special tokens in the text are parsed).
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String>;
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, TokenizeError>;
 
     /// Renders chat messages with the model's chat template and tokenizes the
     /// result, ready for an assistant turn.
-    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String>;
+    fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizeError>;
 
     /// Queues a request; its events go to `sink`.
     fn submit(&self, request: GenerateRequest, sink: Box<dyn EventSink>)

@@ -15,8 +15,8 @@ use futures::stream::{self, Stream, StreamExt};
 use std::convert::Infallible;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokenmill_protocol::{
-    Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestId, SubmitError,
-    TokenLogprob, UsageEvent,
+    Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestFailure, RequestId,
+    SubmitError, TokenLogprob, UsageEvent,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -314,12 +314,14 @@ fn submit(
         .engine
         .submit(request, Box::new(ChannelSink(sender)))
         .map_err(|e| match e {
-            SubmitError::Unavailable(m) => ApiError::Unavailable(m),
+            SubmitError::Stopped | SubmitError::MeterUnavailable => {
+                ApiError::Unavailable(e.to_string())
+            }
             SubmitError::Overloaded {
                 retry_after_seconds,
             } => ApiError::Overloaded(retry_after_seconds),
-            SubmitError::TooLong(m) => ApiError::ContextLengthExceeded {
-                message: m,
+            SubmitError::Unschedulable { .. } => ApiError::ContextLengthExceeded {
+                message: e.to_string(),
                 param: "max_tokens".to_owned(),
             },
         })?;
@@ -327,7 +329,7 @@ fn submit(
 }
 
 /// The error a finished request that did not end normally maps to.
-fn failure(usage: &UsageEvent, error: Option<String>) -> Option<ApiError> {
+fn failure(usage: &UsageEvent, error: Option<RequestFailure>) -> Option<ApiError> {
     match usage.finish_reason {
         FinishReason::Stop | FinishReason::Length => None,
         FinishReason::Cancelled => Some(ApiError::Unavailable(
@@ -337,7 +339,7 @@ fn failure(usage: &UsageEvent, error: Option<String>) -> Option<ApiError> {
             "the server shut down before the request finished".to_owned(),
         )),
         FinishReason::Error => Some(ApiError::Internal(
-            error.unwrap_or_else(|| "generation failed".to_owned()),
+            error.map_or_else(|| "generation failed".to_owned(), |e| e.to_string()),
         )),
     }
 }

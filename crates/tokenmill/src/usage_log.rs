@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use tokenmill_protocol::{CapacityRecord, MeterSink, OnRecorded, UsageEvent};
+use tokenmill_protocol::{CapacityRecord, MeterSink, OnRecorded, RecordError, UsageEvent};
 
 /// Appends records to a JSON-lines file.
 pub struct UsageLog {
@@ -52,7 +52,10 @@ impl UsageLog {
 
 impl MeterSink for UsageLog {
     fn record_usage(&self, usage: &UsageEvent, then: OnRecorded) {
-        then(self.append(Line::Usage(usage)).map_err(|e| e.to_string()));
+        then(
+            self.append(Line::Usage(usage))
+                .map_err(|e| RecordError::Write(e.to_string())),
+        );
     }
 
     fn record_capacity(&self, capacity: &CapacityRecord) {

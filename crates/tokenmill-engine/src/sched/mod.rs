@@ -22,7 +22,7 @@ pub use sequence::Sequence;
 
 use crate::kv::BlockPool;
 use tokenmill_models::{ForwardBatch, LogitRows, ModelTokenizer, SampledRow, SamplingParamsRow};
-use tokenmill_protocol::{FinishReason, TenantId};
+use tokenmill_protocol::{FinishReason, RequestFailure, TenantId};
 
 /// Limits of one step.
 #[derive(Clone, Debug)]
@@ -336,10 +336,15 @@ impl Scheduler {
     }
 
     /// Ends every sequence with `reason` (a failed step, or shutdown).
-    pub fn abort_all(&mut self, reason: FinishReason, message: &str, tokenizer: &ModelTokenizer) {
+    pub fn abort_all(
+        &mut self,
+        reason: FinishReason,
+        failure: Option<RequestFailure>,
+        tokenizer: &ModelTokenizer,
+    ) {
         let waiting = self.waiting.extract(|_| true);
         for seq in self.running.drain(..).chain(waiting) {
-            seq.finish(reason, tokenizer, Some(message.to_owned()));
+            seq.finish(reason, tokenizer, failure.clone());
         }
     }
 }

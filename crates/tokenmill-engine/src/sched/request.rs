@@ -11,7 +11,8 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokenmill_protocol::{
-    EventSink, FinishReason, GenerateRequest, GenerationEvent, MeterSink, TokenCounts, UsageEvent,
+    EventSink, FinishReason, GenerateRequest, GenerationEvent, MeterSink, RequestFailure,
+    TokenCounts, UsageEvent,
 };
 
 /// One request inside the engine, shared by its sequences.
@@ -35,7 +36,7 @@ struct Tally {
     completion_tokens: u64,
     device_seconds: f64,
     reason: Option<FinishReason>,
-    error: Option<String>,
+    error: Option<RequestFailure>,
 }
 
 impl SharedRequest {
@@ -84,7 +85,7 @@ impl SharedRequest {
 
     /// Notes how one completion ended; the request's reason is the most
     /// severe of them.
-    pub(crate) fn note_end(&self, reason: FinishReason, error: Option<String>) {
+    pub(crate) fn note_end(&self, reason: FinishReason, error: Option<RequestFailure>) {
         let mut tally = self.tally.borrow_mut();
         if tally.reason.is_none_or(|r| severity(reason) > severity(r)) {
             tally.reason = Some(reason);
@@ -148,12 +149,8 @@ impl Drop for SharedRequest {
             "request finished"
         );
         let error = match usage.finish_reason {
-            FinishReason::Error => Some(
-                tally
-                    .error
-                    .unwrap_or_else(|| "the engine stopped before the request finished".into()),
-            ),
-            _ => tally.error,
+            FinishReason::Error => Some(tally.error.unwrap_or(RequestFailure::EngineStopped)),
+            _ => None,
         };
         let Some(sink) = self.sink.take() else {
             return;
@@ -173,7 +170,7 @@ impl Drop for SharedRequest {
                                 finish_reason: FinishReason::Error,
                                 ..usage
                             },
-                            error: Some(format!("the usage record could not be kept: {reason}")),
+                            error: Some(RequestFailure::NotRecorded(reason)),
                         }
                     }
                 };

@@ -12,8 +12,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use tokenmill_models::{ModelTokenizer, SampledRow, SamplingParamsRow};
 use tokenmill_protocol::{
-    Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, MeterSink, TokenLogprob,
-    TopLogprob,
+    Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, MeterSink, RequestFailure,
+    TokenLogprob, TopLogprob,
 };
 
 /// A sequence being generated: completion `index` of its request.
@@ -233,7 +233,7 @@ impl Sequence {
         mut self,
         reason: FinishReason,
         tokenizer: &ModelTokenizer,
-        error: Option<String>,
+        error: Option<RequestFailure>,
     ) {
         for fork in std::mem::take(&mut self.forks) {
             fork.finish(reason, tokenizer, error.clone());
@@ -252,7 +252,7 @@ impl Sequence {
         self.end(reason, error);
     }
 
-    fn end(&mut self, reason: FinishReason, error: Option<String>) {
+    fn end(&mut self, reason: FinishReason, error: Option<RequestFailure>) {
         if self.ended {
             return;
         }
@@ -267,10 +267,7 @@ impl Sequence {
 
 impl Drop for Sequence {
     fn drop(&mut self) {
-        self.end(
-            FinishReason::Error,
-            Some("the engine stopped before the request finished".to_owned()),
-        );
+        self.end(FinishReason::Error, Some(RequestFailure::EngineStopped));
     }
 }
 
