@@ -12,11 +12,11 @@ use crate::client::{Endpoint, RequestOptions};
 use crate::metrics::{Recorder, RequestRecord};
 use crate::workload::BenchRequest;
 use crate::{BenchError, Result};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokenmill_engine::{Engine, EngineConfig};
+use tokenmill_models::LoadedModel;
 use tokenmill_protocol::{
     Caller, ChatMessage, DiscardMeter, EngineClient, EventSink, GenerateRequest, GenerationEvent,
     RequestId, SamplingParams, StopConditions, SubmitError,
@@ -45,21 +45,13 @@ impl EventSink for StampedSink {
 }
 
 impl EngineTarget {
-    /// Loads the `.gguf` model at `path` on the CPU and starts the engine
-    /// with `config`; usage records are discarded (nothing is billed).
-    /// `on_layer(done, total)` reports loading progress.
-    pub fn load(
-        path: &Path,
+    /// Starts the engine on `model` with `config`; usage records are
+    /// discarded (nothing is billed).
+    pub fn start(
+        model: LoadedModel,
         config: EngineConfig,
         options: RequestOptions,
-        on_layer: impl FnMut(usize, usize),
     ) -> Result<Self> {
-        let model = tokenmill_models::LoadedModel::from_gguf_file(
-            path,
-            &candle_core::Device::Cpu,
-            on_layer,
-        )
-        .map_err(|e| BenchError::Engine(format!("loading {}: {e}", path.display())))?;
         let engine = Engine::start(model, &options.model, config, Arc::new(DiscardMeter))
             .map_err(|e| BenchError::Engine(e.to_string()))?;
         Ok(EngineTarget {

@@ -1,9 +1,9 @@
 //! `tokenmill bench`: the command line of the serving benchmark. The work is
 //! in the `tokenmill-bench` crate; this file turns flags into its types.
 
+use crate::engine_args::EngineArgs;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,14 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokenmill_bench::client::{Endpoint, HttpTarget, RequestOptions};
 use tokenmill_bench::engine_target::EngineTarget;
 use tokenmill_bench::load::Load;
-use tokenmill_bench::report::{self, BenchResult, EngineSettings, MachineInfo, TargetInfo};
+use tokenmill_bench::report::{self, BenchResult, MachineInfo, TargetInfo};
 use tokenmill_bench::run::{run_level, LevelSpec, Stop, Target};
 use tokenmill_bench::summary::Slo;
 use tokenmill_bench::sweep::Sweep;
 use tokenmill_bench::workload::{
     load_tokenizer, read_prompt_file, LengthSpec, PromptSource, PromptTokenizer, WordPool, Workload,
 };
-use tokenmill_engine::{EngineConfig, SchedulerConfig};
 use tokenmill_models::catalog;
 
 /// `tokenmill bench`.
@@ -67,21 +66,9 @@ struct ServeBench {
 
 #[derive(Args, Debug)]
 struct EngineBench {
-    /// A known model name (smollm2) or the path of a .gguf file.
-    #[arg(long, default_value = "smollm2")]
-    model: String,
-    /// Tokens per KV cache block.
-    #[arg(long, default_value_t = 16)]
-    block_size: usize,
-    /// Tokens the KV cache holds across all sequences.
-    #[arg(long, default_value_t = 32768)]
-    kv_cache_tokens: usize,
-    /// Most tokens in one forward step.
-    #[arg(long, default_value_t = 2048)]
-    max_batched_tokens: usize,
-    /// Most sequences in one forward step.
-    #[arg(long, default_value_t = 64)]
-    max_num_seqs: usize,
+    /// The model and the engine, with `serve`'s flags and defaults.
+    #[command(flatten)]
+    engine: EngineArgs,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -290,27 +277,6 @@ impl CommonArgs {
     }
 }
 
-/// The file behind a known model name or a path.
-fn model_file(model: &str) -> anyhow::Result<PathBuf> {
-    if let Some(known) = catalog::find(model) {
-        let path = known.path();
-        if !path.exists() {
-            bail!(
-                "model {} is not installed at {}: run {}",
-                known.name,
-                path.display(),
-                known.fetch_script
-            );
-        }
-        return Ok(path);
-    }
-    let path = PathBuf::from(model);
-    if !path.is_file() {
-        bail!("--model {model}: neither a known model nor a .gguf file");
-    }
-    Ok(path)
-}
-
 fn serve(args: ServeBench) -> anyhow::Result<()> {
     let tokenizer_path = match &args.tokenizer {
         Some(p) => Some(p.clone()),
@@ -337,55 +303,21 @@ fn serve(args: ServeBench) -> anyhow::Result<()> {
 }
 
 fn engine(args: EngineBench) -> anyhow::Result<()> {
-    let path = model_file(&args.model)?;
-    if args.block_size == 0 || args.kv_cache_tokens < args.block_size {
-        bail!("--kv-cache-tokens must hold at least one block of --block-size tokens");
-    }
-    let tokenizer = load_tokenizer(&path)?;
+    let settings = args.engine.settings()?;
+    let tokenizer = load_tokenizer(&settings.model_path)?;
     let workload = args.common.workload(Some(tokenizer))?;
-    let served = catalog::find(&args.model)
-        .map(|k| k.name.to_owned())
-        .unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
-    let options = args.common.request_options(served)?;
-    let config = EngineConfig {
-        block_size: args.block_size,
-        num_blocks: args.kv_cache_tokens / args.block_size,
-        scheduler: SchedulerConfig {
-            max_batched_tokens: args.max_batched_tokens,
-            max_num_seqs: args.max_num_seqs,
-        },
-        max_in_flight: usize::MAX,
-        capacity_interval: Duration::from_secs(3600),
-        device: "cpu".to_owned(),
-        sampler: tokenmill_engine::SamplerPlace::Auto,
-    };
-    let bar = if args.common.no_progress {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0).with_style(
-            ProgressStyle::with_template("loading the model [{bar:30}] {pos}/{len} layers")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        )
-    };
-    let target = EngineTarget::load(&path, config, options.clone(), |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
-    bar.finish_and_clear();
+    let options = args.common.request_options(settings.served_name.clone())?;
+    let (device, device_name) = settings.open_device()?;
+    let model = settings.load(&device, args.common.no_progress)?;
+    // No limit on requests in flight: the workload decides how many there
+    // are. Capacity records are discarded with the usage.
+    let config = settings.engine_config(&device_name, usize::MAX, Duration::from_secs(3600));
+    let target = EngineTarget::start(model, config, options.clone())?;
     let info = TargetInfo {
         kind: "engine".to_owned(),
         base_url: None,
-        model_path: Some(path.display().to_string()),
-        engine: Some(EngineSettings {
-            block_size: args.block_size,
-            kv_cache_tokens: args.kv_cache_tokens,
-            max_batched_tokens: args.max_batched_tokens,
-            max_num_seqs: args.max_num_seqs,
-        }),
+        model_path: Some(settings.model_path.display().to_string()),
+        engine: Some(settings.report()),
     };
     execute(
         &args.common,

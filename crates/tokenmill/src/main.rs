@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 mod device;
+mod engine_args;
 mod gpu_cli;
 mod ledger_cli;
 mod ledger_metrics;
