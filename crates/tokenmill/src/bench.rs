@@ -69,6 +69,9 @@ struct EngineBench {
     /// The model and the engine, with `serve`'s flags and defaults.
     #[command(flatten)]
     engine: EngineArgs,
+    /// Seed of --random-weights (`--seed` is the workload's).
+    #[arg(long, default_value_t = 0)]
+    weights_seed: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -303,7 +306,7 @@ fn serve(args: ServeBench) -> anyhow::Result<()> {
 }
 
 fn engine(args: EngineBench) -> anyhow::Result<()> {
-    let settings = args.engine.settings()?;
+    let settings = args.engine.settings(args.weights_seed)?;
     let tokenizer = load_tokenizer(&settings.model_path)?;
     let workload = args.common.workload(Some(tokenizer))?;
     let options = args.common.request_options(settings.served_name.clone())?;

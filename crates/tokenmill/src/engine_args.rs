@@ -30,9 +30,6 @@ pub struct EngineArgs {
     /// tokenizer and chat template.
     #[arg(long)]
     pub random_weights: Option<PathBuf>,
-    /// Seed of --random-weights.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Where the model runs: auto (a GPU when built with CUDA and one is
     /// present, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -76,8 +73,10 @@ pub struct EngineSettings {
 }
 
 impl EngineArgs {
-    /// Checks the flags and finds the model.
-    pub fn settings(&self) -> anyhow::Result<EngineSettings> {
+    /// Checks the flags and finds the model. `weights_seed` seeds
+    /// `--random-weights` (each command names its own flag for it: `bench`
+    /// already has a `--seed`, its workload's).
+    pub fn settings(&self, weights_seed: u64) -> anyhow::Result<EngineSettings> {
         if self.block_size == 0 || self.kv_cache_tokens < self.block_size {
             bail!("--kv-cache-tokens must hold at least one block of --block-size tokens");
         }
@@ -94,7 +93,7 @@ impl EngineArgs {
             random_weights: self
                 .random_weights
                 .clone()
-                .map(|config| (config, self.seed)),
+                .map(|config| (config, weights_seed)),
             device: self.device,
             block_size: self.block_size,
             num_blocks: self.kv_cache_tokens / self.block_size,
@@ -231,7 +230,7 @@ mod tests {
         // A path that exists and is a file, so no model needs installing.
         argv.push(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
         argv.extend_from_slice(args);
-        Cli::try_parse_from(argv)?.engine.settings()
+        Cli::try_parse_from(argv)?.engine.settings(0)
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub engine: EngineArgs,
+    /// Seed of --random-weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -142,7 +145,7 @@ fn positive_seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
 impl ServeArgs {
     /// Checks the flags that need more than their type.
     pub fn settings(&self) -> anyhow::Result<ServeSettings> {
-        let engine = self.engine.settings()?;
+        let engine = self.engine.settings(self.seed)?;
         let capacity_interval = positive_seconds(self.capacity_interval, "capacity-interval")?;
         let request_timeout = positive_seconds(self.request_timeout, "request-timeout")?;
         if !(self.drain_timeout >= 0.0 && self.drain_timeout.is_finite()) {
@@ -208,7 +211,8 @@ mod tests {
             ("--request-timeout", "inf"),
             ("--drain-timeout", "-0.5"),
         ] {
-            let err = settings(&[flag, value]).unwrap_err().to_string();
+            let arg = format!("{flag}={value}");
+            let err = settings(&[&arg]).unwrap_err().to_string();
             assert!(err.contains(flag), "{flag} {value}: {err}");
         }
     }
