@@ -139,6 +139,11 @@ impl Signer {
         }
     }
 
+    /// The Ed25519 key itself, for the cosigner that shares it.
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
     /// The Ed25519 signature of `message`.
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()

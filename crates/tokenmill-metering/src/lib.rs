@@ -44,6 +44,7 @@
 
 pub mod checkpoint;
 mod codec;
+pub mod cosignature;
 mod error;
 pub mod export;
 mod frame;

@@ -12,6 +12,7 @@ mod serve;
 mod settle_cli;
 mod tenants;
 mod usage_log;
+mod witness_cli;
 
 use clap::{Command as ClapCommand, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -58,6 +59,9 @@ enum Command {
     Model(model_cli::ModelArgs),
     /// Checks that need a GPU: each CUDA kernel against its CPU reference.
     Gpu(gpu_cli::GpuArgs),
+    /// A witness that cosigns ledger checkpoints only if they extend the
+    /// last ones it cosigned (run by the backer, not the cloud).
+    Witness(witness_cli::WitnessArgs),
 }
 
 /// Parses the command line, with `serve`'s environment variables and config
@@ -98,5 +102,6 @@ fn main() -> anyhow::Result<()> {
         Command::Settle(args) => settle_cli::run(args),
         Command::Model(args) => model_cli::run(args),
         Command::Gpu(args) => gpu_cli::run(args),
+        Command::Witness(args) => witness_cli::run(args),
     }
 }

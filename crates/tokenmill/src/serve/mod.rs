@@ -10,6 +10,7 @@ mod ledger;
 mod lifecycle;
 
 pub use args::ServeArgs;
+pub use lifecycle::shutdown_signal;
 
 use anyhow::Context;
 use std::sync::Arc;

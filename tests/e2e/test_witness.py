@@ -1,0 +1,183 @@
+"""`tokenmill witness serve` against a log written here, in Python, from the C2SP
+texts alone (tlog-checkpoint, signed-note, tlog-witness, tlog-cosignature), with
+Python's own Ed25519 (`cryptography`): the cosignatures it returns verify with
+an implementation that shares no code with ours, its refusals carry the
+protocol's statuses, and a witness killed with SIGKILL keeps what it cosigned.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from conftest import server_binary
+
+ORIGIN = "cloud.example/ledger"
+WITNESS = "backer.example/witness"
+DASH = "\u2014"
+
+
+def _sha256(*parts: bytes) -> bytes:
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def _leaf(i: int, edit: int | None = None) -> bytes:
+    record = f"record {i}" + (", rewritten" if i == edit else "")
+    return _sha256(b"\x00", record.encode())
+
+
+def _root(leaves: list[bytes]) -> bytes:
+    """RFC 6962 2.1 Merkle tree hash."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return _sha256(b"\x01", _root(leaves[:k]), _root(leaves[k:]))
+
+
+def _consistency(leaves: list[bytes], m: int) -> list[bytes]:
+    """RFC 6962 2.1.2 PROOF(m, D[n])."""
+
+    def subproof(m: int, d: list[bytes], complete: bool) -> list[bytes]:
+        n = len(d)
+        if m == n:
+            return [] if complete else [_root(d)]
+        k = 1
+        while k * 2 < n:
+            k *= 2
+        if m <= k:
+            return subproof(m, d[:k], complete) + [_root(d[k:])]
+        return subproof(m - k, d[k:], False) + [_root(d[:k])]
+
+    return subproof(m, leaves, True)
+
+
+class LogKey:
+    """A log's Ed25519 key, with its signed-note key hash (type 0x01)."""
+
+    def __init__(self) -> None:
+        self.private = Ed25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.hash = _sha256(ORIGIN.encode(), b"\n\x01", self.public)[:4]
+
+    def vkey(self) -> str:
+        key = base64.b64encode(bytes([0x01]) + self.public).decode()
+        return f"{ORIGIN}+{self.hash.hex()}+{key}"
+
+    def sign_note(self, text: str) -> str:
+        signature = self.private.sign(text.encode())
+        return f"{text}\n{DASH} {ORIGIN} {base64.b64encode(self.hash + signature).decode()}\n"
+
+
+def _checkpoint(leaves: list[bytes]) -> str:
+    return f"{ORIGIN}\n{len(leaves)}\n{base64.b64encode(_root(leaves)).decode()}\n"
+
+
+def _body(old: int, proof: list[bytes], note: str) -> str:
+    return f"old {old}\n" + "".join(base64.b64encode(h).decode() + "\n" for h in proof) + "\n" + note
+
+
+def _verify_cosignature(line: str, text: str, vkey: str) -> int:
+    """Checks one cosignature line by the C2SP tlog-cosignature text; returns its time."""
+    name, key_id, key = vkey.strip().split("+", 2)
+    raw_key = base64.b64decode(key)
+    assert raw_key[0] == 0x04, "a cosignature/v1 key has type byte 0x04"
+    public = raw_key[1:]
+    assert bytes.fromhex(key_id) == _sha256(name.encode(), b"\n\x04", public)[:4]
+    assert line.startswith(f"{DASH} {name} ") and line.endswith("\n"), line
+    raw = base64.b64decode(line.split(" ")[2])
+    assert len(raw) == 4 + 8 + 64
+    assert raw[:4] == bytes.fromhex(key_id)
+    timestamp = int.from_bytes(raw[4:12], "big")
+    message = f"cosignature/v1\ntime {timestamp}\n{text}".encode()
+    Ed25519PublicKey.from_public_bytes(public).verify(raw[12:], message)  # raises if invalid
+    return timestamp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(state: Path, key: Path, log: LogKey, port: int, log_file: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(server_binary()), "witness", "serve", "--listen", f"127.0.0.1:{port}", "--key", str(key),
+         "--state", str(state), "--log", f"{ORIGIN}={log.vkey()}"],
+        stdout=log_file.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_file.read_text()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"the witness did not listen:\n{log_file.read_text()}")
+
+
+def test_cosignatures_verify_independently_and_the_state_survives_sigkill(tmp_path: Path) -> None:
+    made = subprocess.run([str(server_binary()), "witness", "key", "--name", WITNESS, "--dir", str(tmp_path / "keys")],
+                          capture_output=True, text=True, check=True)
+    vkey = made.stdout.strip()
+    assert (tmp_path / "keys" / "witness.vkey").read_text().strip() == vkey
+    assert (tmp_path / "keys" / "witness.key").stat().st_mode & 0o777 == 0o600
+    log = LogKey()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/add-checkpoint"
+    args = (tmp_path / "state", tmp_path / "keys" / "witness.key", log, port, tmp_path / "witness.log")
+    proc = _start(*args)
+    ledger = [_leaf(i) for i in range(13)]
+    try:
+        with httpx.Client(timeout=10) as http:
+            # First contact: old 0, no proof.
+            text = _checkpoint(ledger[:5])
+            first = http.post(url, content=_body(0, [], log.sign_note(text)))
+            assert first.status_code == 200, first.text
+            stamp = _verify_cosignature(first.text, text, vkey)
+            assert abs(stamp - time.time()) < 120
+            # A consistency proof made here, in Python, from 5 to 9.
+            text = _checkpoint(ledger[:9])
+            second = http.post(url, content=_body(5, _consistency(ledger[:9], 5), log.sign_note(text)))
+            assert second.status_code == 200, second.text
+            _verify_cosignature(second.text, text, vkey)
+            # The log's key over the note is required: another key is 403.
+            stranger = LogKey()
+            forged = http.post(url, content=_body(9, [], stranger.sign_note(_checkpoint(ledger[:9]))))
+            assert forged.status_code == 403, forged.text
+        # Killed without warning, restarted on the same state.
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = _start(*args)
+        with httpx.Client(timeout=10) as http:
+            stale = http.post(url, content=_body(0, [], log.sign_note(_checkpoint(ledger[:13]))))
+            assert stale.status_code == 409
+            assert stale.headers["content-type"] == "text/x.tlog.size"
+            assert stale.text == "9\n"
+            # A rewritten history signed with the log's own key: refused.
+            rewritten = [_leaf(i, edit=3) for i in range(13)]
+            fork = http.post(url, content=_body(9, [], log.sign_note(_checkpoint(rewritten[:9]))))
+            assert fork.status_code == 409, fork.text
+            longer = http.post(url, content=_body(9, _consistency(rewritten, 9), log.sign_note(_checkpoint(rewritten))))
+            assert longer.status_code == 422, longer.text
+            # The true history goes on from where it was.
+            text = _checkpoint(ledger)
+            third = http.post(url, content=_body(9, _consistency(ledger, 9), log.sign_note(text)))
+            assert third.status_code == 200, third.text
+            _verify_cosignature(third.text, text, vkey)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
