@@ -181,3 +181,100 @@ def test_cosignatures_verify_independently_and_the_state_survives_sigkill(tmp_pa
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
+
+
+def _tokenmill(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(server_binary()), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_server_keeps_serving_while_its_witness_is_down_and_settlement_rests_on_cosigned_checkpoints(
+        tmp_path: Path) -> None:
+    import json
+    from datetime import datetime, timezone
+
+    import openai
+
+    from conftest import start_server
+    from e2e_support import MODEL
+    from test_settle import _contract
+
+    origin = "cloud.example/e2e-ledger"
+    assert _tokenmill("ledger", "keygen", "--out", str(tmp_path / "log")).returncode == 0
+    log_key, log_pub = tmp_path / "log" / "ledger.key", tmp_path / "log" / "ledger.pub"
+    assert _tokenmill("witness", "key", "--name", WITNESS, "--dir", str(tmp_path / "w")).returncode == 0
+    witness_vkey = tmp_path / "w" / "witness.vkey"
+    port = _free_port()
+    data = tmp_path / "data"
+    ledger = data / "ledger"
+    witness_log = tmp_path / "witness.log"
+
+    def verify(*extra: str) -> subprocess.CompletedProcess:
+        return _tokenmill("ledger", "verify", str(ledger), "--public-key", str(log_pub),
+                          "--witness-key", str(witness_vkey), *extra)
+
+    witness = None
+    args = ["--no-auth", "--data-dir", str(data), "--signing-key", str(log_key), "--ledger-origin", origin,
+            "--checkpoint-interval-ms", "100", "--witness", f"http://127.0.0.1:{port}={witness_vkey}"]
+    try:
+        with start_server(server_binary(), args) as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+            # The witness is down: every request is still served.
+            for n in range(3):
+                done = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=2 + n)
+                assert done.usage.completion_tokens >= 1
+            assert "cosigned no checkpoint" in verify().stdout
+            # The witness comes up; the server catches up with one proof.
+            witness = subprocess.Popen(
+                [str(server_binary()), "witness", "serve", "--listen", f"127.0.0.1:{port}",
+                 "--key", str(tmp_path / "w" / "witness.key"), "--state", str(tmp_path / "wstate"),
+                 "--log", f"{origin}={log_pub}"],
+                stdout=witness_log.open("ab"), stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and "cosigned size" not in verify().stdout:
+                time.sleep(0.5)
+            assert "cosigned size" in verify().stdout, witness_log.read_text()
+            client.completions.create(model=MODEL, prompt="And then", max_tokens=3)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=60) == 0
+        # The final checkpoint, signed at shutdown, was cosigned on the way out.
+        final = verify("--min-cosigners", "1")
+        assert final.returncode == 0, final.stdout + final.stderr
+    finally:
+        if witness is not None:
+            witness.send_signal(signal.SIGTERM)
+            witness.wait(timeout=10)
+
+    export = _tokenmill("ledger", "export", str(ledger), "--format", "jsonl")
+    usage = [r for r in map(json.loads, export.stdout.splitlines()) if r["type"] == "usage"]
+    assert len(usage) == 4
+    month = datetime.fromisoformat(usage[0]["finished_at"][:19]).replace(tzinfo=timezone.utc)
+    contract = tmp_path / "contract.toml"
+    _contract(contract, usage[0]["model"], month)
+
+    def settle(ledger_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        return _tokenmill("settle", "--contract", str(contract), "--ledger", str(ledger_dir),
+                          "--public-key", str(log_pub), "--period", f"{month:%Y-%m}", "--format", "json", *extra)
+
+    witnessed = settle(ledger, "--witness-key", str(witness_vkey), "--min-cosigners", "1")
+    assert witnessed.returncode == 0, witnessed.stderr
+    statement = json.loads(witnessed.stdout)
+    assert statement["checkpoint"]["cosigned_by"] == [WITNESS]
+    assert statement["records"]["usage"] == 4
+    plain = json.loads(settle(ledger).stdout)
+    assert plain["revenue"] == statement["revenue"], "the same history, the same money"
+
+    # Another history under the same key and origin (the cloud's second
+    # ledger): the witness never saw it, so it cannot be settled on.
+    fork_data = tmp_path / "fork"
+    fork_args = ["--no-auth", "--data-dir", str(fork_data), "--signing-key", str(log_key), "--ledger-origin", origin]
+    with start_server(server_binary(), fork_args) as server:
+        openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0).completions.create(
+            model=MODEL, prompt="A different story", max_tokens=2)
+    fork = fork_data / "ledger"
+    assert settle(fork).returncode == 0, "it verifies under the cloud's own key"
+    refused = settle(fork, "--witness-key", str(witness_vkey))
+    assert refused.returncode != 0 and "no checkpoint" in refused.stderr, refused.stderr
+    # Borrowing the true ledger's cosignatures does not help: they cosign another root.
+    (fork / "cosignatures").write_bytes((ledger / "cosignatures").read_bytes())
+    borrowed = settle(fork, "--witness-key", str(witness_vkey))
+    assert borrowed.returncode != 0 and "not one of the ledger's own" in borrowed.stderr, borrowed.stderr

@@ -59,6 +59,9 @@ pub enum ProblemKind {
     },
     /// The ledger holds records but no signed checkpoint at all.
     NoCheckpoint,
+    /// A cosigned checkpoint is not one of the ledger's own checkpoints, or
+    /// a known witness's cosignature on it does not verify.
+    BadCosignature(String),
 }
 
 impl fmt::Display for ProblemKind {
@@ -93,6 +96,7 @@ impl fmt::Display for ProblemKind {
                 "bad root hash: checkpoint of size {size} does not match the records"
             ),
             ProblemKind::NoCheckpoint => f.write_str("records but no signed checkpoint"),
+            ProblemKind::BadCosignature(m) => write!(f, "bad cosignature: {m}"),
         }
     }
 }

@@ -28,12 +28,16 @@ pub enum FileKind {
     Segment = 1,
     /// The checkpoints file.
     Checkpoints = 2,
+    /// The cosigned checkpoints file (witness cosignatures).
+    Cosignatures = 3,
 }
 
 /// Extension of segment files: `<first seq, 20 digits>.seg`.
 pub const SEGMENT_EXT: &str = "seg";
 /// Name of the checkpoints file.
 pub const CHECKPOINTS_FILE: &str = "checkpoints";
+/// Name of the file of cosigned checkpoints.
+pub const COSIGNATURES_FILE: &str = "cosignatures";
 
 /// The file name of the segment whose first record is `first_seq`. Twenty
 /// digits, so names sort like the numbers.

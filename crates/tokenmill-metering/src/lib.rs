@@ -60,6 +60,7 @@ mod reader;
 pub mod record;
 mod store;
 mod verify;
+pub mod witnessed;
 mod writer;
 
 #[cfg(test)]
@@ -71,7 +72,7 @@ pub use error::{LedgerError, ProblemKind, VerifyError};
 pub use export::{
     export_jsonl, export_jsonl_with_checkpoints, parse_rfc3339, ExportError, ExportReport,
 };
-pub use frame::{segment_name, CHECKPOINTS_FILE, SEGMENT_EXT};
+pub use frame::{segment_name, CHECKPOINTS_FILE, COSIGNATURES_FILE, SEGMENT_EXT};
 pub use hash::Hash;
 pub use import::{ImportError, Importer};
 pub use jsonl_import::import_jsonl;

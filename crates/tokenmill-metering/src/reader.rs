@@ -368,7 +368,17 @@ pub(crate) fn read_notes(
     dir: &Path,
     policy: TailPolicy,
 ) -> Result<(Vec<StoredNote>, Option<TornTail>), VerifyError> {
-    let path = dir.join(frame::CHECKPOINTS_FILE);
+    read_note_file(dir, frame::CHECKPOINTS_FILE, FileKind::Checkpoints, policy)
+}
+
+/// Reads a file of framed notes (`checkpoints` or `cosignatures`).
+pub(crate) fn read_note_file(
+    dir: &Path,
+    name: &str,
+    file_kind: FileKind,
+    policy: TailPolicy,
+) -> Result<(Vec<StoredNote>, Option<TornTail>), VerifyError> {
+    let path = dir.join(name);
     let data = match fs::read(&path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
@@ -387,7 +397,7 @@ pub(crate) fn read_notes(
         whole_file: offset == 0,
         reason,
     };
-    match frame::parse_header(&data, FileKind::Checkpoints) {
+    match frame::parse_header(&data, file_kind) {
         Ok(_) => {}
         Err(HeaderProblem::Torn) if policy == TailPolicy::Tolerate => {
             return Ok((

@@ -386,7 +386,7 @@ impl Store {
 /// Moves a torn tail out of the way: the bytes go to a new `.torn` file
 /// (synced), then the file is cut back to its last whole frame; a file whose
 /// header is torn is renamed whole.
-fn set_aside_tail(torn: &TornTail) -> io::Result<SetAside> {
+pub(crate) fn set_aside_tail(torn: &TornTail) -> io::Result<SetAside> {
     let moved_to = unused_torn_name(&torn.file);
     if torn.whole_file {
         fs::rename(&torn.file, &moved_to)?;

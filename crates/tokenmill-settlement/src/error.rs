@@ -31,6 +31,13 @@ pub enum SettleError {
     /// The ledger does not verify: nothing is settled from it.
     #[error("ledger verification failed: {0}")]
     Verify(#[from] VerifyError),
+    /// No checkpoint of the ledger carries the cosignatures asked for, so
+    /// nothing can be settled on a witnessed history.
+    #[error("no checkpoint of the ledger is cosigned by {min_cosigners} of the witnesses given")]
+    NotWitnessed {
+        /// The cosignatures asked for.
+        min_cosigners: usize,
+    },
     /// The ledger changed between verification and reading, or a
     /// checkpoint's root does not match the records read.
     #[error("ledger changed while being read: {0}")]

@@ -230,7 +230,15 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
 
 fn cp_text(c: &Option<CheckpointRef>) -> String {
     match c {
-        Some(c) => format!("{} records, root {}", c.tree_size, c.root),
+        Some(c) if c.cosigned_by.is_empty() => {
+            format!("{} records, root {}", c.tree_size, c.root)
+        }
+        Some(c) => format!(
+            "{} records, root {}, cosigned by {}",
+            c.tree_size,
+            c.root,
+            c.cosigned_by.join(", ")
+        ),
         None => "none".into(),
     }
 }

@@ -12,7 +12,9 @@ use crate::error::SettleError;
 use crate::money;
 use crate::period::{instant_of, Instant};
 use std::path::Path;
+use tokenmill_metering::cosignature::CosignerKey;
 use tokenmill_metering::merkle::{self, CompactTree};
+use tokenmill_metering::witnessed::witnessed_checkpoints;
 use tokenmill_metering::{Hash, LedgerReader, RecordBody, VerifierKey};
 
 /// A signed checkpoint, as a statement names it.
@@ -27,6 +29,9 @@ pub struct SignedCheckpoint {
     /// When the writer signed it (milliseconds since the Unix epoch), if the
     /// note says.
     pub time_ms: Option<u64>,
+    /// The witnesses that cosigned it, when settling on witnessed
+    /// checkpoints only ([`load_witnessed`]).
+    pub cosigned_by: Vec<String>,
 }
 
 /// What one usage record bills.
@@ -94,6 +99,7 @@ pub fn load(dir: &Path, keys: &[VerifierKey]) -> Result<VerifiedLedger, SettleEr
             size: v.checkpoint.size,
             root: v.checkpoint.root,
             time_ms: v.checkpoint.time_ms,
+            cosigned_by: Vec::new(),
         })
         .collect();
     let signed = checkpoints.iter().map(|c| c.size).max().unwrap_or(0);
@@ -113,6 +119,35 @@ pub fn load(dir: &Path, keys: &[VerifierKey]) -> Result<VerifiedLedger, SettleEr
         facts.push(fact(stored.seq, &stored.record.body)?);
     }
     Ok(VerifiedLedger { checkpoints, facts })
+}
+
+/// [`load`], then keeps only the checkpoints that at least `min_cosigners`
+/// of the witnesses in `witness_keys` cosigned (each naming them), and the
+/// records those cover: a statement is then computed from a history the
+/// witnesses saw, and a ledger rewritten after the fact cannot be settled
+/// on (its checkpoints carry no valid cosignature).
+pub fn load_witnessed(
+    dir: &Path,
+    keys: &[VerifierKey],
+    witness_keys: &[CosignerKey],
+    min_cosigners: usize,
+) -> Result<VerifiedLedger, SettleError> {
+    let mut ledger = load(dir, keys)?;
+    let witnessed = witnessed_checkpoints(dir, keys, witness_keys)?;
+    ledger.checkpoints.retain_mut(|c| {
+        let cosigners = witnessed
+            .iter()
+            .find(|w| w.checkpoint.size == c.size && w.checkpoint.root == c.root)
+            .map(|w| w.cosigned_by.iter().map(|x| x.witness.clone()).collect())
+            .unwrap_or_default();
+        c.cosigned_by = cosigners;
+        c.cosigned_by.len() >= min_cosigners.max(1)
+    });
+    let Some(covered) = ledger.checkpoints.iter().map(|c| c.size).max() else {
+        return Err(SettleError::NotWitnessed { min_cosigners });
+    };
+    ledger.facts.retain(|f| f.seq < covered);
+    Ok(ledger)
 }
 
 fn check_roots(checkpoints: &[SignedCheckpoint], tree: &CompactTree) -> Result<(), SettleError> {

@@ -96,6 +96,9 @@ pub struct CheckpointRef {
     pub root: String,
     /// When it was signed, milliseconds since the Unix epoch.
     pub time_ms: Option<u64>,
+    /// The witnesses that cosigned it (settling on witnessed checkpoints).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cosigned_by: Vec<String>,
 }
 
 /// Counts of records settled.
@@ -335,6 +338,7 @@ fn checkpoint_ref(c: &SignedCheckpoint) -> CheckpointRef {
         tree_size: c.size,
         root: c.root.to_hex(),
         time_ms: c.time_ms,
+        cosigned_by: c.cosigned_by.clone(),
     }
 }
 

@@ -154,6 +154,7 @@ fn ledger(recs: &[Rec], every: usize) -> VerifiedLedger {
                 time_ms: Some(
                     u64::try_from((START + (last_day + 1) * DAY) * 1000).expect("positive"),
                 ),
+                cosigned_by: Vec::new(),
             });
         }
     }

@@ -20,6 +20,7 @@
 pub mod http;
 pub mod request;
 pub mod store;
+pub mod submit;
 mod witness;
 
 pub use witness::{AddError, Witness};

@@ -5,8 +5,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use tokenmill_metering::cosignature::CosignerKey;
 use tokenmill_metering::keys::{self, VerifierKey};
 use tokenmill_metering::proof::{self, ConsistencyProof, InclusionProof};
+use tokenmill_metering::witnessed;
 
 /// Flags of `tokenmill ledger`.
 #[derive(Args, Debug)]
@@ -35,6 +37,15 @@ enum LedgerCommand {
         /// Public key files; any of them may have signed (key rotation).
         #[arg(long = "public-key", required = true)]
         public_keys: Vec<PathBuf>,
+        /// Witness keys (files, as `tokenmill witness key` writes them):
+        /// also check the cosignatures kept beside the checkpoints, and
+        /// report the latest checkpoint each witness cosigned.
+        #[arg(long = "witness-key")]
+        witness_keys: Vec<PathBuf>,
+        /// With --witness-key: fail unless the last checkpoint of the
+        /// ledger is cosigned by at least this many of those witnesses.
+        #[arg(long, default_value_t = 0)]
+        min_cosigners: usize,
     },
     /// Write every record for other tools.
     Export {
@@ -142,9 +153,15 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
             );
             println!("{}", files.verifier);
         }
-        LedgerCommand::Verify { dir, public_keys } => {
+        LedgerCommand::Verify {
+            dir,
+            public_keys,
+            witness_keys,
+            min_cosigners,
+        } => {
             let keys = load_keys(&public_keys)?;
-            match tokenmill_metering::verify(&dir, &keys) {
+            let verified = tokenmill_metering::verify(&dir, &keys);
+            match verified {
                 Ok(report) => {
                     println!(
                         "ok: {} records in {} segments, {} checkpoints; root {}; {} records after the last checkpoint",
@@ -159,6 +176,11 @@ pub fn run(args: LedgerArgs) -> anyhow::Result<()> {
                     }
                 }
                 Err(problem) => bail!("ledger verification failed: {problem}"),
+            }
+            if !witness_keys.is_empty() {
+                check_cosignatures(&dir, &keys, &witness_keys, min_cosigners)?;
+            } else if min_cosigners > 0 {
+                bail!("--min-cosigners needs the witnesses' keys (--witness-key)");
             }
         }
         LedgerCommand::Export {
@@ -353,4 +375,66 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     name.push(".");
     name.push(suffix);
     PathBuf::from(name)
+}
+
+/// Reads witness keys (cosigner key files).
+pub fn load_witness_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<CosignerKey>> {
+    paths
+        .iter()
+        .map(|p| {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            CosignerKey::parse(text.trim())
+                .with_context(|| format!("{} is not a witness key", p.display()))
+        })
+        .collect()
+}
+
+/// Checks the cosignatures of `dir` and prints, per witness, the latest
+/// checkpoint it cosigned; fails if the last checkpoint of the ledger lacks
+/// `min_cosigners` of them.
+fn check_cosignatures(
+    dir: &std::path::Path,
+    keys: &[VerifierKey],
+    witness_paths: &[PathBuf],
+    min_cosigners: usize,
+) -> anyhow::Result<()> {
+    let witnesses = load_witness_keys(witness_paths)?;
+    let witnessed = witnessed::witnessed_checkpoints(dir, keys, &witnesses)
+        .map_err(|problem| anyhow::anyhow!("cosignature verification failed: {problem}"))?;
+    for witness in &witnesses {
+        let latest = witnessed
+            .iter()
+            .rev()
+            .find(|w| w.cosigned_by.iter().any(|c| c.witness == witness.name()));
+        match latest {
+            Some(w) => println!(
+                "cosigned: {} cosigned size {} (root {})",
+                witness.name(),
+                w.checkpoint.size,
+                w.checkpoint.root
+            ),
+            None => println!("cosigned: {} cosigned no checkpoint", witness.name()),
+        }
+    }
+    if min_cosigners > 0 {
+        let last = tokenmill_metering::verified_checkpoints(dir, keys)?
+            .into_iter()
+            .last()
+            .map(|(_, v)| v.checkpoint);
+        let Some(last) = last else {
+            bail!("the ledger has no checkpoint to be cosigned");
+        };
+        let cosigners = witnessed
+            .iter()
+            .find(|w| w.checkpoint == last)
+            .map_or(0, |w| w.cosigned_by.len());
+        if cosigners < min_cosigners {
+            bail!(
+                "the last checkpoint (size {}) has {cosigners} of the {min_cosigners} cosignatures asked for",
+                last.size
+            );
+        }
+    }
+    Ok(())
 }

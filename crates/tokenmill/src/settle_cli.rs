@@ -19,6 +19,14 @@ pub struct SettleArgs {
     /// Public key files; any of them may have signed (key rotation).
     #[arg(long = "public-key", required = true)]
     public_keys: Vec<PathBuf>,
+    /// Witness keys (files, as `tokenmill witness key` writes them): settle
+    /// only on checkpoints that --min-cosigners of these witnesses
+    /// cosigned; the statement names the checkpoint and its cosigners.
+    #[arg(long = "witness-key")]
+    witness_keys: Vec<PathBuf>,
+    /// With --witness-key: the cosignatures a checkpoint needs (default 1).
+    #[arg(long, default_value_t = 1, requires = "witness_keys")]
+    min_cosigners: usize,
     /// The month to settle, YYYY-MM.
     #[arg(long)]
     period: String,
@@ -49,7 +57,12 @@ pub fn run(args: SettleArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| keys::load_verifier(p).with_context(|| format!("reading {}", p.display())))
         .collect::<anyhow::Result<_>>()?;
-    let ledger = source::load(&args.ledger, &keys)?;
+    let ledger = if args.witness_keys.is_empty() {
+        source::load(&args.ledger, &keys)?
+    } else {
+        let witnesses = crate::ledger_cli::load_witness_keys(&args.witness_keys)?;
+        source::load_witnessed(&args.ledger, &keys, &witnesses, args.min_cosigners)?
+    };
     let statement = settle(&contract, &ledger, period)?;
     let text = match args.format {
         Format::Table => render::text(&statement),

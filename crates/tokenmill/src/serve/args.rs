@@ -114,6 +114,26 @@ pub struct ServeArgs {
     /// The JetStream stream to publish to (made if missing).
     #[arg(long, default_value = "tokenmill-ledger")]
     pub nats_stream: String,
+    /// A witness to submit every checkpoint to, as URL=KEY: its submission
+    /// prefix (`/add-checkpoint` is appended) and its cosigner key (the text
+    /// or a file), as `tokenmill witness key` printed it. Repeat for more
+    /// witnesses. Cosignatures are kept in the ledger directory; a witness
+    /// that is down is retried without holding up any request.
+    #[arg(long = "witness", value_parser = parse_witness)]
+    #[serde(skip)]
+    pub witnesses: Vec<(String, String)>,
+}
+
+/// `URL=KEY` of `--witness`.
+fn parse_witness(text: &str) -> Result<(String, String), String> {
+    // The URL holds ':' and '/', never '='; a key text holds neither '='
+    // nor white space, but base64 may end in '='.
+    match text.split_once('=') {
+        Some((url, key)) if !url.is_empty() && !key.is_empty() => {
+            Ok((url.to_owned(), key.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not URL=KEY")),
+    }
 }
 
 /// `serve`'s flags, checked: every duration a positive number, the engine's

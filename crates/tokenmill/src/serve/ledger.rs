@@ -9,9 +9,11 @@ use anyhow::{bail, Context};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokenmill_metering::{keys, Ledger, LedgerConfig};
+use tokenmill_metering::cosignature::CosignerKey;
+use tokenmill_metering::{keys, Ledger, LedgerConfig, VerifierKey};
 use tokenmill_nats::{ExportConfig, ExporterHandle};
 use tokenmill_protocol::MeterSink;
+use tokenmill_witness::submit::{Submitter, WitnessEndpoint};
 
 /// The meter every record goes to: the ledger (unless --no-ledger), then
 /// the usage log (if any), else the log output.
@@ -63,6 +65,8 @@ pub struct OpenLedger {
     pub ledger: Arc<Ledger>,
     /// Its directory.
     pub dir: PathBuf,
+    /// The public key of its checkpoints.
+    pub verifier: VerifierKey,
 }
 
 /// Opens the ledger, making the signing key on first start.
@@ -95,6 +99,7 @@ pub fn open_ledger(args: &ServeArgs) -> anyhow::Result<Option<OpenLedger>> {
     };
     let signer = keys::load_signer(&key_path)
         .with_context(|| format!("loading the signing key {}", key_path.display()))?;
+    let verifier = signer.verifier();
     let mut config = LedgerConfig::new(&dir, args.ledger_origin.clone());
     config.checkpoint_every_records = args.checkpoint_every.max(1);
     config.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms.max(1));
@@ -119,6 +124,7 @@ pub fn open_ledger(args: &ServeArgs) -> anyhow::Result<Option<OpenLedger>> {
     Ok(Some(OpenLedger {
         ledger: Arc::new(ledger),
         dir,
+        verifier,
     }))
 }
 
@@ -143,4 +149,43 @@ pub fn close(
         );
     }
     Ok(())
+}
+
+/// The submitter of checkpoints to `--witness`es, if any are named.
+pub fn witness_submitter(
+    args: &ServeArgs,
+    ledger: Option<&OpenLedger>,
+) -> anyhow::Result<Option<Submitter>> {
+    if args.witnesses.is_empty() {
+        return Ok(None);
+    }
+    let Some(open) = ledger else {
+        bail!("--witness cosigns the ledger's checkpoints: it cannot go with --no-ledger");
+    };
+    let endpoints = args
+        .witnesses
+        .iter()
+        .map(|(url, key)| {
+            let path = std::path::Path::new(key);
+            let text = if path.is_file() {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+            } else {
+                key.clone()
+            };
+            let key = CosignerKey::parse(text.trim())
+                .with_context(|| format!("--witness {url}: {key:?} is not a witness key"))?;
+            Ok(WitnessEndpoint {
+                url: url.clone(),
+                key,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tracing::info!(
+        witnesses = endpoints.len(),
+        "submitting checkpoints to witnesses"
+    );
+    let submitter = Submitter::new(&open.dir, vec![open.verifier.clone()], endpoints)
+        .context("starting the witness submission")?;
+    Ok(Some(submitter))
 }

@@ -30,6 +30,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let auth = auth::auth(&args)?;
     let open_ledger = ledger::open_ledger(&args)?;
     let exporter = ledger::start_export(&args, open_ledger.as_ref())?.map(Arc::new);
+    let submitter = ledger::witness_submitter(&args, open_ledger.as_ref())?
+        .map(|s| Arc::new(tokio::sync::Mutex::new(s)));
     let ledger = open_ledger.map(|open| open.ledger);
     let meter = ledger::meter(&args, ledger.clone())?;
 
@@ -91,6 +93,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             exporter.clone(),
             Duration::from_secs(1),
         ));
+        if let Some(submitter) = submitter.clone() {
+            tokio::spawn(async move {
+                loop {
+                    submitter.lock().await.round().await;
+                    tokio::time::sleep(WITNESS_POLL).await;
+                }
+            });
+        }
         // Histograms are aggregated by the exporter's upkeep; run it often
         // enough that a scrape never waits on a backlog.
         tokio::spawn(async move {
@@ -119,5 +129,36 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The last handle: the engine thread writes its final capacity record
     // and exits.
     drop(engine);
-    ledger::close(ledger, exporter)
+    ledger::close(ledger, exporter)?;
+    if let Some(submitter) = submitter {
+        last_witness_round(&submitter);
+    }
+    Ok(())
+}
+
+/// How often the witnesses are offered the latest checkpoint.
+const WITNESS_POLL: Duration = Duration::from_secs(1);
+
+/// Offers the ledger's final checkpoint to every witness, for at most a few
+/// seconds: a witness that is down then gets it from the next start.
+fn last_witness_round(submitter: &tokio::sync::Mutex<tokenmill_witness::submit::Submitter>) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    runtime.block_on(async {
+        let round = async {
+            let mut submitter = submitter.lock().await;
+            submitter.retry_now();
+            submitter.round().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), round)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the final checkpoint did not reach every witness in time");
+        }
+    });
 }
