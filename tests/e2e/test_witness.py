@@ -278,3 +278,17 @@ def test_a_server_keeps_serving_while_its_witness_is_down_and_settlement_rests_o
     (fork / "cosignatures").write_bytes((ledger / "cosignatures").read_bytes())
     borrowed = settle(fork, "--witness-key", str(witness_vkey))
     assert borrowed.returncode != 0 and "not one of the ledger's own" in borrowed.stderr, borrowed.stderr
+
+
+def test_the_documented_witness_vector_verifies_with_another_ed25519() -> None:
+    """docs/ledger-format.md 9.1, checked from the seed up with `cryptography`."""
+    seed = bytes(range(0x20, 0x40))
+    public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    name = "witness.example/golden"
+    key_id = _sha256(name.encode(), b"\n\x04", public)[:4]
+    vkey = f"{name}+{key_id.hex()}+{base64.b64encode(bytes([0x04]) + public).decode()}"
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "ledger-format.md").read_text()
+    assert vkey in doc
+    text = "tokenmill.example/golden\n3\n4aPaFxwMhy/jv3JNZHI7OimdaCTzwJKGfd0X06M0G1A=\ntime 1700000100000\n"
+    line = next(l for l in doc.splitlines() if l.startswith(f"{DASH} {name} "))
+    assert _verify_cosignature(line + "\n", text, vkey) == 1700000200
