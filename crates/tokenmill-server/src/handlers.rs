@@ -381,8 +381,8 @@ mod tests {
             ..Limits::default()
         };
         let state = state_over(&engine, limits);
-        let long = vec!["w"; 11].join(" ");
-        let too_long = vec!["w"; 64].join(" ");
+        let long = "w ".repeat(11);
+        let too_long = "w ".repeat(64);
         for (endpoint, change, param) in [
             (
                 Endpoint::Completions,
