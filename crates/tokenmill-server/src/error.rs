@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 use thiserror::Error;
+use tokenmill_protocol::SubmitError;
 
 /// Everything a request can fail with, as the client will see it.
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -237,6 +238,29 @@ impl ApiError {
     }
 }
 
+/// The engine's refusals. `Unschedulable` cannot reach a client through the
+/// handlers: the validator refuses every request too long for the model's
+/// sequence limit first, so the engine refusing one means the two disagree
+/// about the limit, which is the server's fault (500), not the client's.
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Stopped | SubmitError::MeterUnavailable => {
+                ApiError::Unavailable(e.to_string())
+            }
+            SubmitError::Overloaded {
+                retry_after_seconds,
+            } => ApiError::Overloaded(retry_after_seconds),
+            SubmitError::Unschedulable { .. } => {
+                tracing::error!(error = %e, "the engine refused a validated request");
+                ApiError::Internal(format!(
+                    "the engine refused a request the validator accepted: {e}"
+                ))
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
@@ -283,5 +307,76 @@ mod tests {
             ApiError::Overloaded(3).body()["error"]["code"],
             "queue_full"
         );
+    }
+
+    #[test]
+    fn engine_refusals_map_to_their_status_and_code() {
+        for (refusal, status, code) in [
+            (SubmitError::Stopped, 503, Some("unavailable")),
+            (SubmitError::MeterUnavailable, 503, Some("unavailable")),
+            (
+                SubmitError::Overloaded {
+                    retry_after_seconds: 4,
+                },
+                429,
+                Some("queue_full"),
+            ),
+            (
+                SubmitError::Unschedulable {
+                    tokens: 10,
+                    limit: 8,
+                },
+                500,
+                None,
+            ),
+        ] {
+            let error = ApiError::from(refusal);
+            assert_eq!(error.status().as_u16(), status, "{error}");
+            assert_eq!(error.body()["error"]["code"], serde_json::json!(code));
+            assert_eq!(error.body()["error"]["param"], serde_json::Value::Null);
+        }
+        assert_eq!(
+            ApiError::from(SubmitError::Overloaded {
+                retry_after_seconds: 4
+            }),
+            ApiError::Overloaded(4)
+        );
+    }
+
+    #[test]
+    fn every_validation_error_is_a_400_invalid_request() {
+        for (error, param, code) in [
+            (ApiError::invalid("n", "x"), Some("n"), None),
+            (
+                ApiError::unsupported("echo", "x"),
+                Some("echo"),
+                Some("unsupported_parameter"),
+            ),
+            (
+                ApiError::UnknownField("foo".into()),
+                Some("foo"),
+                Some("unrecognized_argument"),
+            ),
+            (
+                ApiError::InvalidJson("x".into()),
+                None,
+                Some("invalid_json"),
+            ),
+            (
+                ApiError::ContextLengthExceeded {
+                    message: "x".into(),
+                    param: "messages".into(),
+                },
+                Some("messages"),
+                Some("context_length_exceeded"),
+            ),
+        ] {
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(error.outcome(), "invalid");
+            let body = error.body();
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+            assert_eq!(body["error"]["param"], serde_json::json!(param));
+            assert_eq!(body["error"]["code"], serde_json::json!(code));
+        }
     }
 }

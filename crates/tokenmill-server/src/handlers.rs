@@ -1,23 +1,22 @@
-//! The HTTP handlers: validate, submit to the engine, answer as JSON or as a
-//! stream of server-sent events.
+//! The HTTP handlers: read the body, have the [`Validator`] check it,
+//! submit the [`ValidRequest`] to the engine, and answer (the answer's shape
+//! is [`crate::respond`]'s). No rule about a request's content lives here.
+//!
+//! [`Validator`]: crate::validate::Validator
 
 use crate::error::ApiError;
-use crate::openai::{finish_reason, logprobs_text_len, ChoiceOut, Endpoint, ResponseHeader, Usage};
-use crate::telemetry::{self, RequestTimer, TenantLabels};
-use crate::validate::{self, ValidRequest};
+use crate::openai::{Endpoint, ResponseHeader};
+use crate::respond::{collect_response, stream_response, Shape, Timing};
+use crate::telemetry::{self, RequestTimer};
+use crate::validate::{RequestMeta, ValidRequest};
 use crate::AppState;
 use axum::extract::{Path, Request, State};
 use axum::http::Method;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use futures::stream::{self, Stream, StreamExt};
-use std::convert::Infallible;
+use futures::stream::StreamExt;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokenmill_protocol::{
-    Caller, EventSink, FinishReason, GenerateRequest, GenerationEvent, RequestFailure, RequestId,
-    SubmitError, TokenLogprob, UsageEvent,
-};
+use tokenmill_protocol::{Caller, EngineClient, EventSink, GenerationEvent, RequestId};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// Delivers engine events into a request's channel; the handler (or the SSE
@@ -154,7 +153,7 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let model = state.engine.model_info().name.clone();
     let timeout = state.limits.request_timeout;
-    let accepted = accept(state, caller, endpoint, request, Instant::now())
+    let accepted = accept(state, caller, endpoint, request)
         .await
         .inspect_err(|e| telemetry::refused(endpoint, &model, e.outcome()))?;
     let Accepted {
@@ -196,8 +195,17 @@ async fn accept(
     caller: Caller,
     endpoint: Endpoint,
     request: Request,
-    arrived: Instant,
 ) -> Result<Accepted, ApiError> {
+    let arrived = Instant::now();
+    let meta = RequestMeta {
+        id: RequestId(format!(
+            "{}-{}",
+            endpoint.id_prefix(),
+            uuid::Uuid::new_v4().simple()
+        )),
+        caller,
+        arrived_at: SystemTime::now(),
+    };
     if state.lifecycle.is_draining() {
         return Err(ApiError::Draining(DRAIN_RETRY_AFTER_SECONDS));
     }
@@ -205,339 +213,290 @@ async fn accept(
     let body = axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(limit))?;
-    let engine = state.engine.clone();
+    let validator = state.validator.clone();
     // Tokenizing and rendering templates is CPU work: keep it off the
     // reactor threads.
-    let valid = tokio::task::spawn_blocking(move || match endpoint {
-        Endpoint::Completions => validate::completion(&body, engine.as_ref()),
-        Endpoint::Chat => validate::chat(&body, engine.as_ref()),
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("validation task failed: {e}")))??;
+    let valid = tokio::task::spawn_blocking(move || validator.validate(endpoint, &body, meta))
+        .await
+        .map_err(|e| ApiError::Internal(format!("validation task failed: {e}")))??;
 
+    let request = valid.request();
     let header = ResponseHeader {
-        id: format!("{}-{}", endpoint.id_prefix(), uuid::Uuid::new_v4().simple()),
+        id: request.id.0.clone(),
         created: unix_seconds(SystemTime::now()),
-        model: valid.model.clone(),
+        model: request.model.clone(),
         endpoint,
     };
     let shape = Shape {
-        n: valid.n,
-        logprobs: valid.logprobs.is_some(),
-        include_usage: valid.include_usage,
+        n: request.n,
+        logprobs: request.logprobs.is_some(),
+        include_usage: valid.include_usage(),
     };
-    if let Some(limit) = state.limits.max_prompt_tokens {
-        if valid.prompt_tokens.len() > limit {
-            return Err(ApiError::invalid(
-                endpoint.prompt_param(),
-                format!(
-                    "the prompt has {} tokens; this server takes at most {limit}",
-                    valid.prompt_tokens.len()
-                ),
-            ));
-        }
-    }
-    if let Some(limit) = state.limits.max_output_tokens {
-        if valid.stop.max_tokens > limit {
-            return Err(ApiError::invalid(
-                "max_tokens",
-                format!(
-                    "{} tokens were asked for; this server makes at most {limit} per request",
-                    valid.stop.max_tokens
-                ),
-            ));
-        }
-    }
-    let stream = valid.stream;
-    let timer = Timing {
-        timer: RequestTimer::new(endpoint, &header.model, arrived, valid.n),
+    let timing = Timing {
+        timer: RequestTimer::new(endpoint, &header.model, arrived, request.n),
         tenant_labels: state.tenant_labels.clone(),
     };
-    let events = submit(&state, caller, &header, valid)?;
+    let stream = valid.stream();
+    let events = submit(state.engine.as_ref(), valid)?;
     Ok(Accepted {
         header,
         shape,
         stream,
         events,
-        timing: timer,
+        timing,
     })
 }
 
-/// A request's latency timer and how to label its tokens.
-struct Timing {
-    timer: RequestTimer,
-    tenant_labels: TenantLabels,
-}
-
-impl Timing {
-    fn on_event(&mut self, event: &GenerationEvent) {
-        if let GenerationEvent::Text {
-            index, token_ids, ..
-        } = event
-        {
-            self.timer.tokens(*index, token_ids.len());
-        }
-    }
-
-    fn finished(self, usage: &UsageEvent) {
-        self.timer.finished(usage, &self.tenant_labels);
-    }
-}
-
-/// What the answer holds besides text.
-#[derive(Clone, Copy)]
-struct Shape {
-    n: usize,
-    logprobs: bool,
-    include_usage: bool,
-}
-
+/// Hands a validated request to the engine; its events come back through
+/// the returned channel.
 fn submit(
-    state: &AppState,
-    caller: Caller,
-    header: &ResponseHeader,
+    engine: &dyn EngineClient,
     valid: ValidRequest,
 ) -> Result<UnboundedReceiver<GenerationEvent>, ApiError> {
     let (sender, receiver) = unbounded_channel();
-    let request = GenerateRequest {
-        id: RequestId(header.id.clone()),
-        caller,
-        model: valid.model,
-        prompt_tokens: valid.prompt_tokens,
-        sampling: valid.sampling,
-        stop: valid.stop,
-        n: valid.n,
-        logprobs: valid.logprobs,
-        arrived_at: SystemTime::now(),
-    };
-    state
-        .engine
-        .submit(request, Box::new(ChannelSink(sender)))
-        .map_err(|e| match e {
-            SubmitError::Stopped | SubmitError::MeterUnavailable => {
-                ApiError::Unavailable(e.to_string())
-            }
-            SubmitError::Overloaded {
-                retry_after_seconds,
-            } => ApiError::Overloaded(retry_after_seconds),
-            SubmitError::Unschedulable { .. } => ApiError::ContextLengthExceeded {
-                message: e.to_string(),
-                param: "max_tokens".to_owned(),
-            },
-        })?;
+    engine.submit(valid.into_request(), Box::new(ChannelSink(sender)))?;
     Ok(receiver)
-}
-
-/// The error a finished request that did not end normally maps to.
-fn failure(usage: &UsageEvent, error: Option<RequestFailure>) -> Option<ApiError> {
-    match usage.finish_reason {
-        FinishReason::Stop | FinishReason::Length => None,
-        FinishReason::Cancelled => Some(ApiError::Unavailable(
-            "the request was cancelled".to_owned(),
-        )),
-        FinishReason::Shutdown => Some(ApiError::Unavailable(
-            "the server shut down before the request finished".to_owned(),
-        )),
-        FinishReason::Error => Some(ApiError::Internal(
-            error.map_or_else(|| "generation failed".to_owned(), |e| e.to_string()),
-        )),
-    }
-}
-
-async fn collect_response(
-    header: ResponseHeader,
-    mut events: UnboundedReceiver<GenerationEvent>,
-    shape: Shape,
-    mut timing: Timing,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut choices = vec![
-        ChoiceOut {
-            logprobs: shape.logprobs.then(Vec::new),
-            ..ChoiceOut::default()
-        };
-        shape.n
-    ];
-    while let Some(event) = events.recv().await {
-        timing.on_event(&event);
-        match event {
-            GenerationEvent::Text {
-                index,
-                text,
-                logprobs,
-                ..
-            } => {
-                if let Some(choice) = choices.get_mut(index) {
-                    choice.text.push_str(&text);
-                    if let Some(all) = &mut choice.logprobs {
-                        all.extend(logprobs);
-                    }
-                }
-            }
-            GenerationEvent::ChoiceEnd { index, reason } => {
-                if let Some(choice) = choices.get_mut(index) {
-                    choice.finish = finish_reason(reason);
-                }
-            }
-            GenerationEvent::Finished { usage, error } => {
-                timing.finished(&usage);
-                if let Some(err) = failure(&usage, error) {
-                    return Err(err);
-                }
-                return Ok(Json(header.full_response(&choices, Usage::from(&usage))));
-            }
-        }
-    }
-    Err(ApiError::Internal(
-        "the engine dropped the request".to_owned(),
-    ))
-}
-
-fn sse_json(value: &serde_json::Value) -> Event {
-    Event::default().data(value.to_string())
-}
-
-/// A streamed choice's log probabilities not yet sent (their tokens made no
-/// text yet), and where the next ones start in its text.
-#[derive(Clone, Default)]
-struct PendingLogprobs {
-    tokens: Vec<TokenLogprob>,
-    text_offset: usize,
-}
-
-impl PendingLogprobs {
-    /// Takes the held tokens for a chunk, with their starting offset.
-    fn take(&mut self) -> (Vec<TokenLogprob>, usize) {
-        let tokens = std::mem::take(&mut self.tokens);
-        let offset = self.text_offset;
-        self.text_offset += logprobs_text_len(&tokens);
-        (tokens, offset)
-    }
-}
-
-/// The state of a stream between engine events.
-struct StreamState {
-    events: UnboundedReceiver<GenerationEvent>,
-    header: ResponseHeader,
-    shape: Shape,
-    pending: Vec<PendingLogprobs>,
-    timing: Option<Timing>,
-}
-
-impl StreamState {
-    /// The SSE events for one engine event, and whether the stream goes on.
-    fn on_event(&mut self, event: GenerationEvent) -> (Vec<Event>, bool) {
-        if let Some(timing) = &mut self.timing {
-            timing.on_event(&event);
-        }
-        match event {
-            GenerationEvent::Text {
-                index,
-                text,
-                logprobs,
-                ..
-            } => {
-                let Some(pending) = self.pending.get_mut(index) else {
-                    return (Vec::new(), true);
-                };
-                pending.tokens.extend(logprobs);
-                if text.is_empty() {
-                    return (Vec::new(), true);
-                }
-                let logprobs = self.shape.logprobs.then(|| pending.take());
-                let chunk = self.header.text_chunk(
-                    index,
-                    &text,
-                    None,
-                    logprobs.as_ref().map(|(l, o)| (l.as_slice(), *o)),
-                );
-                (vec![sse_json(&chunk)], true)
-            }
-            GenerationEvent::ChoiceEnd { index, reason } => {
-                let Some(finish) = finish_reason(reason) else {
-                    // Cancelled or failed: the request's end says so.
-                    return (Vec::new(), true);
-                };
-                let Some(pending) = self.pending.get_mut(index) else {
-                    return (Vec::new(), true);
-                };
-                let logprobs =
-                    (self.shape.logprobs && !pending.tokens.is_empty()).then(|| pending.take());
-                let chunk = self.header.text_chunk(
-                    index,
-                    "",
-                    Some(finish),
-                    logprobs.as_ref().map(|(l, o)| (l.as_slice(), *o)),
-                );
-                (vec![sse_json(&chunk)], true)
-            }
-            GenerationEvent::Finished { usage, error } => {
-                if let Some(timing) = self.timing.take() {
-                    timing.finished(&usage);
-                }
-                let mut out = Vec::new();
-                match failure(&usage, error) {
-                    Some(err) => out.push(sse_json(&err.body())),
-                    None if self.shape.include_usage => {
-                        out.push(sse_json(&self.header.usage_chunk(Usage::from(&usage))))
-                    }
-                    None => {}
-                }
-                out.push(Event::default().data("[DONE]"));
-                (out, false)
-            }
-        }
-    }
-}
-
-/// Streams the request's events as SSE chunks, then `[DONE]`. Dropping the
-/// stream (the client left) drops the receiver, which cancels the request.
-fn stream_response(
-    header: ResponseHeader,
-    events: UnboundedReceiver<GenerationEvent>,
-    shape: Shape,
-    timing: Timing,
-    deadline: tokio::time::Instant,
-    timeout: std::time::Duration,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let opening: Vec<Event> = match header.endpoint {
-        Endpoint::Chat => (0..shape.n)
-            .map(|index| sse_json(&header.role_chunk(index)))
-            .collect(),
-        Endpoint::Completions => Vec::new(),
-    };
-    let state = StreamState {
-        events,
-        header,
-        shape,
-        pending: vec![PendingLogprobs::default(); shape.n],
-        timing: Some(timing),
-    };
-    let body = stream::unfold(Some(state), move |state| async move {
-        let mut state = state?;
-        let Ok(event) = tokio::time::timeout_at(deadline, state.events.recv()).await else {
-            // Dropping the state drops the receiver: the generation stops.
-            let err = ApiError::Timeout(timeout.as_secs());
-            return Some((
-                vec![sse_json(&err.body()), Event::default().data("[DONE]")],
-                None,
-            ));
-        };
-        let Some(event) = event else {
-            let err = ApiError::Internal("the engine dropped the request".to_owned());
-            return Some((
-                vec![sse_json(&err.body()), Event::default().data("[DONE]")],
-                None,
-            ));
-        };
-        let (out, more) = state.on_event(event);
-        Some((out, more.then_some(state)))
-    });
-    let all = stream::iter(opening)
-        .chain(body.flat_map(stream::iter))
-        .map(Ok::<_, Infallible>);
-    Sse::new(all)
 }
 
 fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FakeEngine, MODEL};
+    use crate::{Auth, Limits};
+    use axum::body::Body;
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+    use tokenmill_protocol::{KeyId, SubmitError, TenantId};
+
+    fn caller() -> Caller {
+        Caller {
+            tenant: TenantId("acme".to_owned()),
+            key_id: KeyId("key-1".to_owned()),
+            weight: 2,
+        }
+    }
+
+    fn state_over(engine: &Arc<FakeEngine>, limits: Limits) -> AppState {
+        AppState::new(engine.clone(), limits, Auth::Disabled)
+    }
+
+    fn post(body: &Value) -> Request {
+        Request::builder()
+            .method("POST")
+            .body(Body::from(body.to_string()))
+            .expect("a request")
+    }
+
+    async fn body_bytes(response: Response) -> Vec<u8> {
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("the body")
+            .to_vec()
+    }
+
+    async fn call(state: AppState, endpoint: Endpoint, body: &Value) -> Result<Response, ApiError> {
+        let request = post(body);
+        match endpoint {
+            Endpoint::Completions => completions(State(state), Extension(caller()), request).await,
+            Endpoint::Chat => chat_completions(State(state), Extension(caller()), request).await,
+        }
+    }
+
+    fn completion() -> Value {
+        json!({"model": MODEL, "prompt": "hello there", "max_tokens": 4})
+    }
+
+    fn chat() -> Value {
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    }
+
+    #[tokio::test]
+    async fn a_valid_request_reaches_the_engine_once_with_its_caller_and_id() {
+        let engine = Arc::new(FakeEngine::new(64, 64));
+        let state = state_over(&engine, Limits::default());
+        let response = call(state.clone(), Endpoint::Completions, &completion())
+            .await
+            .expect("answered");
+        assert_eq!(response.status(), 200);
+        let body: Value = serde_json::from_slice(&body_bytes(response).await).expect("JSON");
+        let submitted = engine.submitted();
+        assert_eq!(submitted.len(), 1);
+        assert_eq!(submitted[0].caller, caller());
+        assert_eq!(submitted[0].prompt_tokens, vec![5, 5]);
+        assert_eq!(submitted[0].stop.max_tokens, 4);
+        assert_eq!(body["id"], json!(submitted[0].id.0));
+        assert!(submitted[0].id.0.starts_with("cmpl-"));
+        assert_eq!(body["object"], "text_completion");
+        assert_eq!(body["choices"][0]["text"], "ok");
+        assert_eq!(body["usage"]["prompt_tokens"], 2);
+
+        let response = call(state, Endpoint::Chat, &chat())
+            .await
+            .expect("answered");
+        let body: Value = serde_json::from_slice(&body_bytes(response).await).expect("JSON");
+        let submitted = engine.submitted();
+        assert_eq!(submitted.len(), 2);
+        assert!(submitted[1].id.0.starts_with("chatcmpl-"));
+        assert_eq!(body["id"], json!(submitted[1].id.0));
+        assert_eq!(body["choices"][0]["message"]["content"], "ok");
+        // No max_tokens: the rest of the context (3 prompt tokens).
+        assert_eq!(submitted[1].stop.max_tokens, 61);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_request_ends_with_usage_and_done() {
+        let engine = Arc::new(FakeEngine::new(64, 64));
+        let mut body = chat();
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let response = call(
+            state_over(&engine, Limits::default()),
+            Endpoint::Chat,
+            &body,
+        )
+        .await
+        .expect("answered");
+        assert_eq!(response.status(), 200);
+        let text = String::from_utf8(body_bytes(response).await).expect("UTF-8");
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.last(), Some(&"[DONE]"));
+        let usage: Value = serde_json::from_str(data[data.len() - 2]).expect("a usage chunk");
+        assert_eq!(usage["usage"]["completion_tokens"], 1);
+        assert!(text.contains("\"content\":\"ok\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_never_reaches_the_engine() {
+        let engine = Arc::new(FakeEngine::new(64, 64));
+        let limits = Limits {
+            max_prompt_tokens: Some(10),
+            max_output_tokens: Some(20),
+            ..Limits::default()
+        };
+        let state = state_over(&engine, limits);
+        let long = "w ".repeat(11);
+        let too_long = "w ".repeat(64);
+        for (endpoint, change, param) in [
+            (
+                Endpoint::Completions,
+                json!({"temperature": 9}),
+                "temperature",
+            ),
+            (Endpoint::Completions, json!({"foo": 1}), "foo"),
+            (Endpoint::Completions, json!({"prompt": too_long}), "prompt"),
+            (Endpoint::Completions, json!({"prompt": long}), "prompt"),
+            (
+                Endpoint::Completions,
+                json!({"max_tokens": 21}),
+                "max_tokens",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"max_completion_tokens": 61}),
+                "max_completion_tokens",
+            ),
+            (Endpoint::Chat, json!({"messages": []}), "messages"),
+        ] {
+            let mut body = match endpoint {
+                Endpoint::Completions => completion(),
+                Endpoint::Chat => chat(),
+            };
+            if let (Some(map), Some(change)) = (body.as_object_mut(), change.as_object()) {
+                map.extend(change.clone());
+            }
+            let error = call(state.clone(), endpoint, &body)
+                .await
+                .expect_err("refused");
+            assert_eq!(error.status(), 400, "{error}");
+            assert_eq!(error.body()["error"]["param"], param, "{error}");
+        }
+        assert!(engine.submitted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413() {
+        let engine = Arc::new(FakeEngine::new(64, 64));
+        let limits = Limits {
+            max_body_bytes: 20,
+            ..Limits::default()
+        };
+        let error = call(
+            state_over(&engine, limits),
+            Endpoint::Completions,
+            &completion(),
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(error, ApiError::PayloadTooLarge(20));
+        assert_eq!(error.status(), 413);
+    }
+
+    #[tokio::test]
+    async fn a_draining_server_refuses_with_503() {
+        let engine = Arc::new(FakeEngine::new(64, 64));
+        let state = state_over(&engine, Limits::default());
+        state.lifecycle().start_draining();
+        let error = call(state, Endpoint::Chat, &chat())
+            .await
+            .expect_err("refused");
+        assert_eq!(error, ApiError::Draining(DRAIN_RETRY_AFTER_SECONDS));
+        assert!(engine.submitted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_engine_refusal_is_answered_by_the_error_table() {
+        for (refusal, status, code) in [
+            (SubmitError::Stopped, 503, json!("unavailable")),
+            (SubmitError::MeterUnavailable, 503, json!("unavailable")),
+            (
+                SubmitError::Overloaded {
+                    retry_after_seconds: 2,
+                },
+                429,
+                json!("queue_full"),
+            ),
+            (
+                SubmitError::Unschedulable {
+                    tokens: 70,
+                    limit: 64,
+                },
+                500,
+                Value::Null,
+            ),
+        ] {
+            let engine = Arc::new(FakeEngine::new(64, 64).refusing(refusal));
+            let error = call(
+                state_over(&engine, Limits::default()),
+                Endpoint::Completions,
+                &completion(),
+            )
+            .await
+            .expect_err("refused");
+            assert_eq!(error.status(), status, "{error}");
+            assert_eq!(error.body()["error"]["code"], code, "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn models_are_listed_and_found() {
+        let engine = Arc::new(FakeEngine::new(64, 64));
+        let state = state_over(&engine, Limits::default());
+        let Json(list) = list_models(State(state.clone())).await;
+        assert_eq!(list["data"][0]["id"], MODEL);
+        let Json(model) = get_model(State(state.clone()), Path(MODEL.to_owned()))
+            .await
+            .expect("served");
+        assert_eq!(model["object"], "model");
+        let error = get_model(State(state), Path("other".to_owned()))
+            .await
+            .expect_err("not served");
+        assert_eq!(error.status(), 404);
+    }
 }

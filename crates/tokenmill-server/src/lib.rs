@@ -1,16 +1,21 @@
 //! The OpenAI-compatible HTTP front end of tokenmill.
 //!
-//! Requests are validated into [`validate::ValidRequest`]s, submitted to an
-//! [`EngineClient`], and answered as JSON or server-sent events. Every error
-//! goes through the one table in [`error`].
+//! Requests are checked by one [`validate::Validator`] (the model's facts
+//! and the server's [`Limits`]) into [`validate::ValidRequest`]s, which carry
+//! the engine's request; only those are submitted to the [`EngineClient`].
+//! Answers are JSON or server-sent events. Every error goes through the one
+//! table in [`error`].
 #![deny(missing_docs)]
 
 pub mod auth;
 pub mod error;
 mod handlers;
 pub mod openai;
+mod respond;
 pub mod telemetry;
 pub mod tenants;
+#[cfg(test)]
+mod testing;
 pub mod validate;
 
 pub use auth::Auth;
@@ -24,6 +29,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use telemetry::TenantLabels;
 use tokenmill_protocol::EngineClient;
+use validate::Validator;
 
 pub use error::ApiError;
 
@@ -33,9 +39,11 @@ pub use error::ApiError;
 pub struct Limits {
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
-    /// Most prompt tokens per request (400 beyond); `None`: the context.
+    /// Most prompt tokens per request (400 beyond); `None`: as many as the
+    /// model's sequence limit leaves room for.
     pub max_prompt_tokens: Option<usize>,
-    /// Largest `max_tokens` a request may ask for (400 beyond).
+    /// Largest `max_tokens` a request may ask for (400 beyond); a request
+    /// that gives none gets at most this many.
     pub max_output_tokens: Option<usize>,
     /// Longest a request may take, queueing included (504 beyond; the
     /// generation is cancelled and billed for the work done).
@@ -61,6 +69,7 @@ impl Default for Limits {
 #[derive(Clone)]
 pub struct AppState {
     engine: Arc<dyn EngineClient>,
+    validator: Arc<Validator>,
     limits: Limits,
     auth: Auth,
     metrics: Option<PrometheusHandle>,
@@ -93,6 +102,7 @@ impl AppState {
     /// State over `engine`.
     pub fn new(engine: Arc<dyn EngineClient>, limits: Limits, auth: Auth) -> Self {
         AppState {
+            validator: Arc::new(Validator::new(engine.clone(), &limits)),
             engine,
             requests_in_progress: Arc::new(tokio::sync::Semaphore::new(
                 limits.max_concurrent_requests.max(1),
