@@ -16,6 +16,7 @@
 //! - [`check`]: the suite that runs every kernel against its reference,
 //!   on any backend that executes the kernels' code: the GPU, or the CPU
 //!   emulator of `kernels/*.cu` (the tokenmill-kernels-emu crate) in CI.
+#![deny(missing_docs)]
 
 pub mod check;
 pub mod element;
