@@ -61,9 +61,8 @@ fn main() {
         assert!(status.success(), "nvcc failed on {}", src.display());
         // Doc attributes, so the generated items pass the crate's
         // `deny(missing_docs)`.
-        let doc = format!(
-            "The fatbin of kernels/{stem}.cu: sm_{arch} SASS plus compute_{arch} PTX."
-        );
+        let doc =
+            format!("The fatbin of kernels/{stem}.cu: sm_{arch} SASS plus compute_{arch} PTX.");
         writeln!(
             generated,
             "#[doc = {doc:?}]\npub const {}: &[u8] = include_bytes!({:?});",

@@ -42,6 +42,18 @@ pub enum KernelError {
     /// The CUDA driver or a launch failed.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A check backend that is not a GPU (the CPU emulator of the kernels,
+    /// `tokenmill-kernels-emu`) could not run a launch: a kernel it does not
+    /// have, an argument list that does not match the kernel's, or a misuse
+    /// it caught while running it (a divergent barrier, a write past shared
+    /// memory).
+    #[error("{backend}: {source}")]
+    Backend {
+        /// The backend, in words (`kernel emulator`).
+        backend: &'static str,
+        /// The backend's own error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// This crate's results.
