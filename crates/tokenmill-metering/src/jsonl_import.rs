@@ -224,3 +224,56 @@ pub fn import_jsonl(
     }
     importer.finish(keys)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn import(input: &[u8]) -> ImportError {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LedgerConfig::new(dir.path().join("ledger"), "test");
+        import_jsonl(&mut &input[..], config, &[]).expect_err("refused")
+    }
+
+    #[test]
+    fn unreadable_input_is_a_read_failure_not_a_bad_line() {
+        let err = import(b"\n\xff\xfe\n");
+        assert!(
+            matches!(err, ImportError::ReadLine { line: 2, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong_with_them() {
+        let err = import(b"{\"type\": \"usage\"}\n");
+        assert!(
+            matches!(
+                err,
+                ImportError::BadLine {
+                    line: 1,
+                    problem: LineProblem::Syntax(_)
+                }
+            ),
+            "{err}"
+        );
+        let err = import(b"{\"type\": \"checkpoint\", \"size\": 3, \"note\": \"n\"}\n");
+        assert!(
+            matches!(
+                err,
+                ImportError::BadLine {
+                    line: 1,
+                    problem: LineProblem::CheckpointAhead {
+                        size: 3,
+                        records: 0
+                    }
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "line 1: checkpoint of size 3 before its records (0 so far)"
+        );
+    }
+}

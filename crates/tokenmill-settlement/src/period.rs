@@ -287,6 +287,45 @@ mod tests {
     }
 
     #[test]
+    fn errors_say_what_is_wrong() {
+        let text = |s: &str| s.to_owned();
+        assert_eq!(
+            parse_date("2023-02-29"),
+            Err(CalendarError::NoSuchDay {
+                text: text("2023-02-29"),
+                day: 29
+            })
+        );
+        assert_eq!(
+            parse_instant("2024-01-01T24:00:00Z"),
+            Err(CalendarError::NoSuchTime {
+                text: text("2024-01-01T24:00:00Z"),
+                hour: 24,
+                minute: 0,
+                second: 0
+            })
+        );
+        assert_eq!(
+            parse_instant("2024-01-01T10:00:00"),
+            Err(CalendarError::Shape {
+                text: text("2024-01-01T10:00:00"),
+                expected: INSTANT
+            })
+        );
+        assert_eq!(
+            parse_date("2024-0x-01"),
+            Err(CalendarError::NotANumber {
+                field: "month",
+                digits: text("0x")
+            })
+        );
+        assert_eq!(
+            Month::parse("2024-13").map_err(|e| e.to_string()),
+            Err("\"2024-13\": month 13 is not 1 to 12".to_owned())
+        );
+    }
+
+    #[test]
     fn months() {
         let m = Month::parse("2024-12").expect("valid");
         assert_eq!(m.to_string(), "2024-12");
