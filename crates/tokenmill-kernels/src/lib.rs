@@ -1,11 +1,11 @@
 //! tokenmill's own GPU kernels and everything about them that a CPU can check.
 //!
 //! The CUDA sources live in the repository's `kernels/` directory; with the
-//! `cuda` feature, build.rs compiles them with nvcc into fatbins (sm_90a SASS
-//! plus PTX) that [`cuda`] embeds, loads through cudarc and launches on
-//! candle's stream. Without the feature this crate is pure Rust:
+//! `cuda` feature, build.rs compiles them with nvcc into fatbins (sm_90a
+//! SASS plus PTX) that the `cuda` module embeds, loads through cudarc and
+//! launches on candle's stream. Without the feature this crate is pure Rust:
 //!
-//! - [`reference`]: a CPU implementation of every kernel, following the
+//! - [`reference`](mod@reference): a CPU implementation of every kernel, following the
 //!   kernel's algorithm step for step (the same partitions, tiles, online
 //!   softmax and f32 accumulation), and tested against plain formulations;
 //!   the GPU check compares each kernel with it on fresh random inputs.

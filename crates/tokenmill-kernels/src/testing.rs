@@ -1,7 +1,8 @@
 //! Random inputs for comparing kernels with their references: the unit
-//! tests here and the GPU check ([`crate::cuda::check`], run by
-//! scripts/gpu-check.sh) draw from the same generators, so a shape the CPU
-//! tests cover is a shape the GPU check covers.
+//! tests here and the kernel check suite ([`crate::check`], run on a GPU
+//! by scripts/gpu-check.sh and on the kernels' CPU emulator in CI) draw
+//! from the same generators, so a shape the CPU tests cover is a shape the
+//! GPU check covers.
 
 use crate::element::Element;
 use crate::paged::{ChunkSpec, PagedMeta};
