@@ -59,9 +59,13 @@ fn main() {
             .status()
             .unwrap_or_else(|e| panic!("running {nvcc} (set NVCC or PATH): {e}"));
         assert!(status.success(), "nvcc failed on {}", src.display());
+        // Doc attributes, so the generated items pass the crate's
+        // `deny(missing_docs)`.
+        let doc =
+            format!("The fatbin of kernels/{stem}.cu: sm_{arch} SASS plus compute_{arch} PTX.");
         writeln!(
             generated,
-            "pub const {}: &[u8] = include_bytes!({:?});",
+            "#[doc = {doc:?}]\npub const {}: &[u8] = include_bytes!({:?});",
             stem.to_uppercase(),
             fatbin.display().to_string()
         )
@@ -70,7 +74,8 @@ fn main() {
     }
     writeln!(
         generated,
-        "pub const ALL: &[(&str, &[u8])] = &[{}];",
+        "#[doc = \"Every fatbin, as (module name: the .cu file's stem, bytes).\"]\n\
+         pub const ALL: &[(&str, &[u8])] = &[{}];",
         names
             .iter()
             .map(|n| format!("({n:?}, {})", n.to_uppercase()))

@@ -40,6 +40,13 @@ pub enum BenchError {
     /// The workload cannot be built (prompt file, tokenizer, lengths).
     #[error("workload: {0}")]
     Workload(String),
+    /// The workload's tokenizer failed on a prompt's text (counting its
+    /// tokens, or encoding it to check a length).
+    #[error("workload: tokenizing a prompt: {source}")]
+    Tokenize {
+        /// The tokenizer's own error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -70,6 +77,13 @@ pub enum BenchError {
 }
 
 impl BenchError {
+    /// A [`BenchError::Tokenize`] from a tokenizer's error.
+    pub fn tokenize(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        BenchError::Tokenize {
+            source: source.into(),
+        }
+    }
+
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         BenchError::Io {
             path: path.display().to_string(),

@@ -133,9 +133,10 @@ impl FromStr for LengthSpec {
 pub trait PromptTokenizer: Send + Sync {
     /// Tokens the server counts for `text` sent as a completion prompt
     /// (special tokens it adds, such as BOS, included).
-    fn count(&self, text: &str) -> Result<usize, String>;
+    /// A tokenizer's failure is a [`BenchError::Tokenize`].
+    fn count(&self, text: &str) -> Result<usize>;
     /// Token ids of `text` alone, with nothing added.
-    fn encode_raw(&self, text: &str) -> Result<Vec<u32>, String>;
+    fn encode_raw(&self, text: &str) -> Result<Vec<u32>>;
     /// Ids run from 0 to this, exclusive.
     fn vocab_size(&self) -> usize;
     /// The text of one token, when it is valid UTF-8 on its own.
@@ -146,14 +147,14 @@ pub trait PromptTokenizer: Send + Sync {
 struct GgufTokenizer(tokenmill_models::ModelTokenizer);
 
 impl PromptTokenizer for GgufTokenizer {
-    fn count(&self, text: &str) -> Result<usize, String> {
+    fn count(&self, text: &str) -> Result<usize> {
         self.0
             .encode(text)
             .map(|t| t.len())
-            .map_err(|e| e.to_string())
+            .map_err(BenchError::tokenize)
     }
-    fn encode_raw(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.0.encode_raw(text).map_err(|e| e.to_string())
+    fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
+        self.0.encode_raw(text).map_err(BenchError::tokenize)
     }
     fn vocab_size(&self) -> usize {
         self.0.vocab_size()
@@ -167,17 +168,17 @@ impl PromptTokenizer for GgufTokenizer {
 struct JsonTokenizer(tokenizers::Tokenizer);
 
 impl PromptTokenizer for JsonTokenizer {
-    fn count(&self, text: &str) -> Result<usize, String> {
+    fn count(&self, text: &str) -> Result<usize> {
         self.0
             .encode(text, true)
             .map(|e| e.len())
-            .map_err(|e| e.to_string())
+            .map_err(BenchError::tokenize)
     }
-    fn encode_raw(&self, text: &str) -> Result<Vec<u32>, String> {
+    fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
         self.0
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
+            .map_err(BenchError::tokenize)
     }
     fn vocab_size(&self) -> usize {
         self.0.get_vocab_size(true)
@@ -280,7 +281,7 @@ pub fn synthetic_prompt(
     let mut words: Vec<&str> = (0..target).map(|_| pool.draw(rng)).collect();
     for _ in 0..LENGTH_ROUNDS {
         let text: String = words.concat();
-        let count = tokenizer.count(&text).map_err(BenchError::Workload)?;
+        let count = tokenizer.count(&text)?;
         if count == target {
             return Ok(text);
         }
@@ -468,7 +469,7 @@ impl Workload {
                 let len = prompts.len() as u64; // never 0: read_prompt_file refuses empty files
                 let line = &prompts[(index % len) as usize];
                 let expected = match tokenizer {
-                    Some(t) => Some(t.count(&line.text).map_err(BenchError::Workload)? as u64),
+                    Some(t) => Some(t.count(&line.text)? as u64),
                     None => None,
                 };
                 let drawn = self.output.sample(&mut rng);
@@ -537,10 +538,10 @@ pub(crate) mod tests {
     }
 
     impl PromptTokenizer for ToyTokenizer {
-        fn count(&self, text: &str) -> Result<usize, String> {
+        fn count(&self, text: &str) -> Result<usize> {
             Ok(self.encode_raw(text)?.len() + usize::from(self.bos))
         }
-        fn encode_raw(&self, text: &str) -> Result<Vec<u32>, String> {
+        fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
             let mut out = Vec::new();
             let mut rest = text;
             while !rest.is_empty() {

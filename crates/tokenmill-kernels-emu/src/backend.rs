@@ -18,6 +18,9 @@ use tokenmill_kernels::{Element, KernelError, Result};
 /// The emulator, planning its decode splits for a GPU of `multiprocessors`
 /// SMs (132 on an H100 SXM).
 pub struct Emulator {
+    /// The SM count the decode kernels' flash-decoding split is planned
+    /// for (what [`Backend::multiprocessors`] reports): the emulator has no
+    /// SMs of its own, so this picks which split of the GPU's it runs.
     pub multiprocessors: usize,
 }
 
@@ -30,7 +33,10 @@ impl Default for Emulator {
 }
 
 fn run(kernel: &str, at: Launch, args: &[&dyn crate::KernelArg]) -> Result<()> {
-    launch(kernel, at, args).map_err(|e: EmuError| KernelError::Cuda(e.to_string()))
+    launch(kernel, at, args).map_err(|e: EmuError| KernelError::Backend {
+        backend: "kernel emulator",
+        source: Box::new(e),
+    })
 }
 
 fn int(value: usize) -> Result<i32> {

@@ -13,6 +13,7 @@
 //! Launches follow cuLaunchKernel's convention, so arguments are passed as
 //! the launchers in `tokenmill_kernels::cuda::launch` pass them, and each
 //! list is checked against the kernel's C++ parameter types.
+#![deny(missing_docs)]
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr, CString};
@@ -26,14 +27,28 @@ pub use backend::Emulator;
 /// Why a launch did not run.
 #[derive(Debug, thiserror::Error)]
 pub enum EmuError {
+    /// No kernel of that name was compiled from `kernels/*.cu` (or
+    /// emu/selftest.cu); a name holding a NUL byte is never one.
     #[error("no kernel named {0} in kernels/")]
     UnknownKernel(String),
+    /// The arguments' types do not match the kernel's parameters, which a
+    /// GPU would not notice: each side as a string of [`KernelArg::code`]s.
     #[error("{kernel} takes ({expected}), was given ({given}) (p pointer, i int, l long long, u unsigned, f float)")]
     Signature {
+        /// The kernel's name.
         kernel: String,
+        /// The codes of the kernel's C++ parameters, in order.
         expected: String,
+        /// The codes of the arguments given.
         given: String,
     },
+    /// The emulator refused the launch geometry (no threads, more than 1024
+    /// threads, an empty grid) or caught the kernel misusing the CUDA model
+    /// (threads waiting at different barriers, a shuffle with a partial
+    /// mask or over a partial warp, a write past the dynamic shared
+    /// memory). The message is
+    /// the emulator's runtime's own, starting with the kernel's name and
+    /// naming the block.
     #[error("{0}")]
     Launch(String),
 }

@@ -15,22 +15,29 @@ use crate::reference;
 use crate::reference::attention::AttentionShape;
 use crate::reference::rotary::RotaryStyle;
 use crate::reference::sampling::{
-    splitmix64, SampleOutputs, SamplingParamsRow, MAX_TOP_LOGPROBS, NO_TOKEN,
+    splitmix64, SampleOutputs, SampledRow, SamplingParamsRow, MAX_TOP_LOGPROBS, NO_TOKEN,
 };
 use crate::testing::{self, AttentionCase, Rng};
-use crate::Result;
+use crate::{KernelError, Result};
 use half::{bf16, f16};
 
 /// The rotary kernel's inputs besides the rows.
 #[derive(Clone, Copy, Debug)]
 pub struct RotaryArgs<'a> {
+    /// Elements from one token's row to the next's (the rotated heads are
+    /// read in place from wider rows, such as fused qkv).
     pub row_stride: usize,
+    /// Heads rotated at the start of each row.
     pub num_heads: usize,
+    /// Width of a head, even: pairs of elements are rotated.
     pub head_dim: usize,
+    /// Each token's position, the row of `cos` and `sin` it reads.
     pub positions: &'a [u32],
-    /// `[positions, head_dim / 2]`.
+    /// Cosines of the rotation angles: `[positions, head_dim / 2]`, f32.
     pub cos: &'a [f32],
+    /// Sines of the same angles, laid out as `cos`.
     pub sin: &'a [f32],
+    /// Which elements form a pair.
     pub style: RotaryStyle,
 }
 
@@ -449,7 +456,7 @@ pub fn check_sampling<B: Backend>(backend: &B, seed: u64) -> Vec<CheckReport> {
             let outcome = check_sampling_case(backend, &logits, vocab, &params);
             let detail = match &outcome {
                 Ok(()) => format!("{rows} rows bit-exact, twice"),
-                Err(detail) => detail.clone(),
+                Err(mismatch) => mismatch.to_string(),
             };
             reports.push(CheckReport::new(
                 "sample",
@@ -463,25 +470,66 @@ pub fn check_sampling<B: Backend>(backend: &B, seed: u64) -> Vec<CheckReport> {
     reports
 }
 
+/// Why a sampler case failed; its text goes into the case's report.
+#[derive(Debug, thiserror::Error)]
+enum SamplingMismatch {
+    /// The reference refused the case (the case generator's bug).
+    #[error("{0}")]
+    Reference(KernelError),
+    /// The backend refused or failed the launch.
+    #[error("{0}")]
+    Backend(KernelError),
+    /// A row's token, logprob or top alternatives differ from the
+    /// reference's bits.
+    #[error("launch {launch} row {row} ({params:?}): kernel {kernel:?}, reference {reference:?}")]
+    Row {
+        /// 0 for the first launch, 1 for the repeat.
+        launch: usize,
+        /// The row.
+        row: usize,
+        /// Its parameters.
+        params: SamplingParamsRow,
+        /// What the kernel gave.
+        kernel: SampledRow,
+        /// What the reference gives.
+        reference: SampledRow,
+    },
+    /// Top slots past a row's `num_logprobs` hold something other than
+    /// [`NO_TOKEN`] and `-inf`.
+    #[error("launch {launch} row {row}: unused top slots written")]
+    UnusedSlots {
+        /// 0 for the first launch, 1 for the repeat.
+        launch: usize,
+        /// The row.
+        row: usize,
+    },
+    /// The second launch on the same inputs gave other bits than the first.
+    #[error("a second launch gave other bits")]
+    NotRepeatable,
+}
+
 fn check_sampling_case<B: Backend>(
     backend: &B,
     logits: &[f32],
     vocab: usize,
     params: &[SamplingParamsRow],
-) -> std::result::Result<(), String> {
-    let want =
-        reference::sampling::sample_rows(logits, vocab, params).map_err(|e| e.to_string())?;
+) -> std::result::Result<(), SamplingMismatch> {
+    let want = reference::sampling::sample_rows(logits, vocab, params)
+        .map_err(SamplingMismatch::Reference)?;
     let mut first: Option<SampleOutputs> = None;
     for launch in 0..2 {
         let outputs = backend
             .sample(logits, vocab, params)
-            .map_err(|e| e.to_string())?;
+            .map_err(SamplingMismatch::Backend)?;
         for (r, (g, w)) in outputs.rows(params).iter().zip(&want).enumerate() {
             if !g.bit_eq(w) {
-                return Err(format!(
-                    "launch {launch} row {r} ({:?}): kernel {g:?}, reference {w:?}",
-                    params[r]
-                ));
+                return Err(SamplingMismatch::Row {
+                    launch,
+                    row: r,
+                    params: params[r],
+                    kernel: g.clone(),
+                    reference: w.clone(),
+                });
             }
         }
         for (r, w) in want.iter().enumerate() {
@@ -493,12 +541,12 @@ fn check_sampling_case<B: Backend>(
                     .iter()
                     .all(|&lp| lp == f32::NEG_INFINITY);
             if !unused_ok {
-                return Err(format!("launch {launch} row {r}: unused top slots written"));
+                return Err(SamplingMismatch::UnusedSlots { launch, row: r });
             }
         }
         if let Some(first) = &first {
             if !first.bit_eq(&outputs) {
-                return Err("a second launch gave other bits".into());
+                return Err(SamplingMismatch::NotRepeatable);
             }
         }
         first = Some(outputs);

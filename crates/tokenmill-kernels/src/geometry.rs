@@ -25,8 +25,13 @@ pub const PREFILL_QUERY_TILE: usize = 16;
 /// A launch: grid, threads per block and dynamic shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {
+    /// Blocks along x, y and z (each at least 1).
     pub grid: (u32, u32, u32),
+    /// Threads per block, along x only: a whole number of 32-thread warps,
+    /// at most 1024.
     pub block: u32,
+    /// Dynamic shared memory per block, in bytes (`extern __shared__`);
+    /// above 48 KiB the kernel must opt in before launch.
     pub shared_bytes: u32,
 }
 

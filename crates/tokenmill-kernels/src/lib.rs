@@ -1,11 +1,11 @@
 //! tokenmill's own GPU kernels and everything about them that a CPU can check.
 //!
 //! The CUDA sources live in the repository's `kernels/` directory; with the
-//! `cuda` feature, build.rs compiles them with nvcc into fatbins (sm_90a SASS
-//! plus PTX) that [`cuda`] embeds, loads through cudarc and launches on
-//! candle's stream. Without the feature this crate is pure Rust:
+//! `cuda` feature, build.rs compiles them with nvcc into fatbins (sm_90a
+//! SASS plus PTX) that the `cuda` module embeds, loads through cudarc and
+//! launches on candle's stream. Without the feature this crate is pure Rust:
 //!
-//! - [`reference`]: a CPU implementation of every kernel, following the
+//! - [`reference`](mod@reference): a CPU implementation of every kernel, following the
 //!   kernel's algorithm step for step (the same partitions, tiles, online
 //!   softmax and f32 accumulation), and tested against plain formulations;
 //!   the GPU check compares each kernel with it on fresh random inputs.
@@ -16,6 +16,7 @@
 //! - [`check`]: the suite that runs every kernel against its reference,
 //!   on any backend that executes the kernels' code: the GPU, or the CPU
 //!   emulator of `kernels/*.cu` (the tokenmill-kernels-emu crate) in CI.
+#![deny(missing_docs)]
 
 pub mod check;
 pub mod element;
@@ -41,6 +42,18 @@ pub enum KernelError {
     /// The CUDA driver or a launch failed.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A check backend that is not a GPU (the CPU emulator of the kernels,
+    /// `tokenmill-kernels-emu`) could not run a launch: a kernel it does not
+    /// have, an argument list that does not match the kernel's, or a misuse
+    /// it caught while running it (a divergent barrier, a write past shared
+    /// memory).
+    #[error("{backend}: {source}")]
+    Backend {
+        /// The backend, in words (`kernel emulator`).
+        backend: &'static str,
+        /// The backend's own error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// This crate's results.

@@ -1,7 +1,8 @@
 //! Random inputs for comparing kernels with their references: the unit
-//! tests here and the GPU check ([`crate::cuda::check`], run by
-//! scripts/gpu-check.sh) draw from the same generators, so a shape the CPU
-//! tests cover is a shape the GPU check covers.
+//! tests here and the kernel check suite ([`crate::check`], run on a GPU
+//! by scripts/gpu-check.sh and on the kernels' CPU emulator in CI) draw
+//! from the same generators, so a shape the CPU tests cover is a shape the
+//! GPU check covers.
 
 use crate::element::Element;
 use crate::paged::{ChunkSpec, PagedMeta};
@@ -56,11 +57,20 @@ impl Rng {
 /// `[-2, 2)`.
 #[derive(Clone, Debug)]
 pub struct AttentionCase<T> {
+    /// The step: one chunk of new tokens per sequence, each sequence's
+    /// block table a run of the shuffled block ids.
     pub meta: PagedMeta,
+    /// The head layout the queries and the cache are laid out for.
     pub shape: AttentionShape,
+    /// Blocks in each cache: those the tables use plus three that no table
+    /// points at (so reading outside a table reads someone else's data).
     pub num_blocks: usize,
+    /// The queries: `[tokens, shape.q_row_stride]`, only the first
+    /// `num_heads * head_dim` of each row read.
     pub q: Vec<T>,
+    /// The key cache: `[num_blocks * block_size slots, shape.kv_width()]`.
     pub k_cache: Vec<T>,
+    /// The value cache, laid out as `k_cache`.
     pub v_cache: Vec<T>,
 }
 

@@ -40,12 +40,21 @@ pub enum ImportError {
     BadCheckpoint(String),
     /// A line of a JSON lines export is not a record or checkpoint that
     /// the export could have written.
-    #[error("line {line}: {message}")]
+    #[error("line {line}: {problem}")]
     BadLine {
         /// Its line number, from 1.
         line: u64,
-        /// What is wrong.
-        message: String,
+        /// What is wrong with it.
+        problem: LineProblem,
+    },
+    /// The JSON lines input could not be read (an I/O error, or bytes that
+    /// are not UTF-8), so nothing is known about the line.
+    #[error("line {line}: reading: {source}")]
+    ReadLine {
+        /// The line being read, from 1.
+        line: u64,
+        /// What the reader reported.
+        source: std::io::Error,
     },
     /// Writing failed.
     #[error(transparent)]
@@ -53,6 +62,52 @@ pub enum ImportError {
     /// The rebuilt directory does not verify.
     #[error("rebuilt ledger does not verify: {0}")]
     Verify(#[from] VerifyError),
+}
+
+/// What is wrong with a line of a JSON lines export
+/// ([`ImportError::BadLine`]), found before anything of it is written.
+#[derive(Debug, thiserror::Error)]
+pub enum LineProblem {
+    /// Not JSON of the shape of a usage, capacity or checkpoint line
+    /// (unknown fields included).
+    #[error("{0}")]
+    Syntax(#[from] serde_json::Error),
+    /// `prev` is not 64 hex digits.
+    #[error("prev {0:?} is not a hash")]
+    BadPrev(String),
+    /// `finish_reason` is none of the protocol's reasons.
+    #[error("unknown finish_reason {0:?}")]
+    UnknownFinishReason(String),
+    /// A time field is not an RFC 3339 UTC timestamp as the export writes.
+    #[error("{field} {text:?} is not an export timestamp")]
+    BadTime {
+        /// The field (`arrived_at`, `finished_at`, `start`, `end`).
+        field: &'static str,
+        /// Its value.
+        text: String,
+    },
+    /// The record the line describes cannot be encoded canonically.
+    #[error("{0}")]
+    Encode(#[from] crate::codec::EncodeError),
+    /// The line's fields encode to a record whose hash is not the one the
+    /// line states: a field was edited after export.
+    #[error("record {seq}: its fields hash to {computed}, the line says {stated}")]
+    HashMismatch {
+        /// The record's sequence number.
+        seq: u64,
+        /// The hash of the record rebuilt from the fields, hex.
+        computed: String,
+        /// The `hash` field, as written.
+        stated: String,
+    },
+    /// A checkpoint line covers more records than the lines before it held.
+    #[error("checkpoint of size {size} before its records ({records} so far)")]
+    CheckpointAhead {
+        /// The checkpoint's tree size.
+        size: u64,
+        /// Records imported before it.
+        records: u64,
+    },
 }
 
 /// Builds a ledger directory from records given in order.

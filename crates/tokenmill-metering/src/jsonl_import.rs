@@ -12,7 +12,7 @@
 
 use crate::export::parse_rfc3339;
 use crate::hash::Hash;
-use crate::import::{ImportError, Importer};
+use crate::import::{ImportError, Importer, LineProblem};
 use crate::keys::VerifierKey;
 use crate::record::{record_hash, Record, RecordBody};
 use crate::verify::VerifyReport;
@@ -69,19 +69,22 @@ struct TenantLine {
     tokens: u64,
 }
 
-fn finish_reason(s: &str) -> Result<FinishReason, String> {
+fn finish_reason(s: &str) -> Result<FinishReason, LineProblem> {
     Ok(match s {
         "stop" => FinishReason::Stop,
         "length" => FinishReason::Length,
         "cancelled" => FinishReason::Cancelled,
         "error" => FinishReason::Error,
         "shutdown" => FinishReason::Shutdown,
-        other => return Err(format!("unknown finish_reason {other:?}")),
+        other => return Err(LineProblem::UnknownFinishReason(other.to_owned())),
     })
 }
 
-fn time(field: &str, s: &str) -> Result<std::time::SystemTime, String> {
-    parse_rfc3339(s).ok_or_else(|| format!("{field} {s:?} is not an export timestamp"))
+fn time(field: &'static str, s: &str) -> Result<std::time::SystemTime, LineProblem> {
+    parse_rfc3339(s).ok_or_else(|| LineProblem::BadTime {
+        field,
+        text: s.to_owned(),
+    })
 }
 
 /// The record a usage or capacity line describes, its stated hash, or the
@@ -91,10 +94,10 @@ enum Parsed {
     Checkpoint(u64, String),
 }
 
-fn parse_line(text: &str) -> Result<Parsed, String> {
-    let line: Line = serde_json::from_str(text).map_err(|e| e.to_string())?;
+fn parse_line(text: &str) -> Result<Parsed, LineProblem> {
+    let line: Line = serde_json::from_str(text)?;
     let prev_of =
-        |prev: &str| Hash::from_hex(prev).ok_or_else(|| format!("prev {prev:?} is not a hash"));
+        |prev: &str| Hash::from_hex(prev).ok_or_else(|| LineProblem::BadPrev(prev.to_owned()));
     Ok(match line {
         Line::Usage {
             seq,
@@ -184,10 +187,10 @@ pub fn import_jsonl(
     loop {
         text.clear();
         line += 1;
-        let bad = |message: String| ImportError::BadLine { line, message };
+        let bad = |problem: LineProblem| ImportError::BadLine { line, problem };
         let n = input
             .read_line(&mut text)
-            .map_err(|e| bad(format!("reading: {e}")))?;
+            .map_err(|source| ImportError::ReadLine { line, source })?;
         if n == 0 {
             break;
         }
@@ -197,26 +200,80 @@ pub fn import_jsonl(
         }
         match parse_line(body).map_err(bad)? {
             Parsed::Record(record, stated) => {
-                let bytes = record.encode().map_err(|e| bad(e.to_string()))?;
+                let bytes = record.encode().map_err(|e| bad(e.into()))?;
                 let hash = record_hash(&bytes).to_hex();
                 if hash != stated {
-                    return Err(bad(format!(
-                        "record {}: its fields hash to {hash}, the line says {stated}",
-                        record.seq
-                    )));
+                    return Err(bad(LineProblem::HashMismatch {
+                        seq: record.seq,
+                        computed: hash,
+                        stated,
+                    }));
                 }
                 importer.push_record(&bytes)?;
             }
             Parsed::Checkpoint(size, note) => {
                 if size > importer.records() {
-                    return Err(bad(format!(
-                        "checkpoint of size {size} before its records ({} so far)",
-                        importer.records()
-                    )));
+                    return Err(bad(LineProblem::CheckpointAhead {
+                        size,
+                        records: importer.records(),
+                    }));
                 }
                 importer.push_checkpoint(&note)?;
             }
         }
     }
     importer.finish(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn import(input: &[u8]) -> ImportError {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LedgerConfig::new(dir.path().join("ledger"), "test");
+        import_jsonl(&mut &input[..], config, &[]).expect_err("refused")
+    }
+
+    #[test]
+    fn unreadable_input_is_a_read_failure_not_a_bad_line() {
+        let err = import(b"\n\xff\xfe\n");
+        assert!(
+            matches!(err, ImportError::ReadLine { line: 2, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong_with_them() {
+        let err = import(b"{\"type\": \"usage\"}\n");
+        assert!(
+            matches!(
+                err,
+                ImportError::BadLine {
+                    line: 1,
+                    problem: LineProblem::Syntax(_)
+                }
+            ),
+            "{err}"
+        );
+        let err = import(b"{\"type\": \"checkpoint\", \"size\": 3, \"note\": \"n\"}\n");
+        assert!(
+            matches!(
+                err,
+                ImportError::BadLine {
+                    line: 1,
+                    problem: LineProblem::CheckpointAhead {
+                        size: 3,
+                        records: 0
+                    }
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "line 1: checkpoint of size 3 before its records (0 so far)"
+        );
+    }
 }

@@ -74,7 +74,7 @@ pub use export::{
 };
 pub use frame::{segment_name, CHECKPOINTS_FILE, COSIGNATURES_FILE, SEGMENT_EXT};
 pub use hash::Hash;
-pub use import::{ImportError, Importer};
+pub use import::{ImportError, Importer, LineProblem};
 pub use jsonl_import::import_jsonl;
 pub use keys::{Signer, VerifierKey};
 pub use reader::{LedgerReader, StoredNote, StoredRecord, TornTail};

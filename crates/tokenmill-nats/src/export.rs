@@ -18,7 +18,7 @@
 //! carries the same message id, so the stream stores it once.
 
 use crate::cursor::{self, ExportCursor};
-use crate::layout::{StreamLayout, HEADER_SEQ, HEADER_SIZE};
+use crate::layout::{InvalidStreamName, StreamLayout, HEADER_SEQ, HEADER_SIZE};
 use crate::tail::{NoteTail, RecordTail, TailError, TailNote, TailRecord};
 use async_nats::connection::State;
 use async_nats::jetstream::{self, message::PublishMessage, stream};
@@ -107,9 +107,16 @@ impl std::fmt::Debug for ExportConfig {
 /// logs and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// The configuration is unusable.
+    /// The stream name cannot be a subject token.
     #[error("NATS export: {0}")]
-    Config(String),
+    StreamName(#[from] InvalidStreamName),
+    /// `max_in_flight` is 0: no message could ever be published.
+    #[error("NATS export: max_in_flight must be at least 1")]
+    NoInFlight,
+    /// `poll_interval` or `request_timeout` is zero: the exporter would spin
+    /// on the ledger, or give up on every request at once.
+    #[error("NATS export: poll_interval and request_timeout must be positive")]
+    ZeroInterval,
     /// The exporter's thread or runtime could not be made.
     #[error("NATS export: cannot start: {0}")]
     Start(#[from] std::io::Error),
@@ -285,16 +292,12 @@ impl Drop for ExporterHandle {
 /// saved in the ledger directory. Fails only on a bad configuration or if
 /// no thread can be started; NATS need not be reachable.
 pub fn spawn(config: ExportConfig) -> Result<ExporterHandle, ExportError> {
-    let layout = StreamLayout::new(&config.stream).map_err(ExportError::Config)?;
+    let layout = StreamLayout::new(&config.stream)?;
     if config.max_in_flight == 0 {
-        return Err(ExportError::Config(
-            "max_in_flight must be at least 1".into(),
-        ));
+        return Err(ExportError::NoInFlight);
     }
     if config.poll_interval.is_zero() || config.request_timeout.is_zero() {
-        return Err(ExportError::Config(
-            "poll_interval and request_timeout must be positive".into(),
-        ));
+        return Err(ExportError::ZeroInterval);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

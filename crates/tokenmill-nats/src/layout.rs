@@ -22,20 +22,30 @@ pub struct StreamLayout {
 /// already a mistake, and it ends up in every subject).
 const MAX_NAME: usize = 64;
 
+/// A stream name [`StreamLayout::new`] refuses: empty, longer than 64
+/// bytes, or holding a byte other than an ASCII letter, digit, `-` or `_`
+/// (it would break the subjects the name is a token of).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("stream name {name:?}: use 1 to {MAX_NAME} ASCII letters, digits, '-' or '_'")]
+pub struct InvalidStreamName {
+    /// The name as given.
+    pub name: String,
+}
+
 impl StreamLayout {
     /// The layout of stream `stream`. The name is also a subject token, so
     /// it is limited to ASCII letters, digits, `-` and `_` (JetStream itself
     /// forbids `.`, `*`, `>`, white space and path separators in names).
-    pub fn new(stream: &str) -> Result<StreamLayout, String> {
+    pub fn new(stream: &str) -> Result<StreamLayout, InvalidStreamName> {
         let ok = !stream.is_empty()
             && stream.len() <= MAX_NAME
             && stream
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
-            return Err(format!(
-                "stream name {stream:?}: use 1 to {MAX_NAME} ASCII letters, digits, '-' or '_'"
-            ));
+            return Err(InvalidStreamName {
+                name: stream.to_owned(),
+            });
         }
         Ok(StreamLayout {
             stream: stream.to_owned(),

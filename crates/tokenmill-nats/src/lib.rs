@@ -54,6 +54,6 @@ mod tail;
 
 pub use cursor::{read_cursor, ExportCursor};
 pub use export::{spawn, ExportConfig, ExportError, ExportStats, ExportSummary, ExporterHandle};
-pub use layout::{StreamLayout, HEADER_SEQ, HEADER_SIZE};
+pub use layout::{InvalidStreamName, StreamLayout, HEADER_SEQ, HEADER_SIZE};
 pub use pull::{pull, pull_blocking, PullError, PullReport};
 pub use tail::TailError;

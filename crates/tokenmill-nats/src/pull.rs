@@ -15,7 +15,7 @@
 //! before it. Two different records with one sequence number, or a record
 //! that never comes, stop the pull with an error.
 
-use crate::layout::StreamLayout;
+use crate::layout::{InvalidStreamName, StreamLayout};
 use async_nats::jetstream::{self, consumer, stream::LastRawMessageErrorKind};
 use async_nats::ConnectOptions;
 use futures::StreamExt as _;
@@ -32,12 +32,21 @@ use tokenmill_metering::{
 /// delete it before trying again.
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    /// A bad stream name.
-    #[error("{0}")]
-    Config(String),
-    /// NATS could not be reached, or refused a request.
-    #[error("NATS: {0}")]
-    Nats(String),
+    /// The stream name cannot be a subject token.
+    #[error(transparent)]
+    StreamName(#[from] InvalidStreamName),
+    /// NATS could not be reached, or refused or failed a request.
+    #[error("NATS: {doing}: {source}")]
+    Nats {
+        /// What the pull was doing (`connecting to URL`, `reading STREAM`).
+        doing: String,
+        /// The client's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The stream's consumer ended before the stream's last message was
+    /// delivered.
+    #[error("NATS: {0}: the consumer ended")]
+    ConsumerEnded(String),
     /// No checkpoint in the stream, so no origin to rebuild under and
     /// nothing to verify against.
     #[error("stream {0} holds no checkpoint note")]
@@ -112,18 +121,18 @@ pub async fn pull(
     out_dir: &Path,
     keys: &[VerifierKey],
 ) -> Result<PullReport, PullError> {
-    let layout = StreamLayout::new(stream).map_err(PullError::Config)?;
+    let layout = StreamLayout::new(stream)?;
     let client = ConnectOptions::new()
         .name("tokenmill-ledger-pull")
         .connection_timeout(CONNECT_TIMEOUT)
         .connect(url)
         .await
-        .map_err(|e| PullError::Nats(format!("connecting to {url}: {e}")))?;
+        .map_err(nats(format!("connecting to {url}")))?;
     let js = jetstream::new(client);
     let source = js
         .get_stream(stream)
         .await
-        .map_err(|e| PullError::Nats(format!("stream {stream}: {e}")))?;
+        .map_err(nats(format!("stream {stream}")))?;
     let last = source.cached_info().state.last_sequence;
 
     // The origin (the importer needs it first) from the newest note.
@@ -135,7 +144,7 @@ pub async fn pull(
         Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
             return Err(PullError::NoCheckpoint(stream.to_owned()))
         }
-        Err(e) => return Err(PullError::Nats(format!("stream {stream}: {e}"))),
+        Err(e) => return Err(nats(format!("stream {stream}"))(e)),
     };
     let origin = note_checkpoint(&newest.payload)
         .map_err(|what| PullError::BadMessage {
@@ -162,11 +171,11 @@ pub async fn pull(
             ..Default::default()
         })
         .await
-        .map_err(|e| PullError::Nats(format!("creating a consumer on {stream}: {e}")))?;
+        .map_err(nats(format!("creating a consumer on {stream}")))?;
     let mut messages = consumer
         .messages()
         .await
-        .map_err(|e| PullError::Nats(format!("reading {stream}: {e}")))?;
+        .map_err(nats(format!("reading {stream}")))?;
     let record_subject = layout.record_subject();
     let checkpoint_subject = layout.checkpoint_subject();
     // (A stream whose last sequence is 0 holds nothing to read.)
@@ -176,13 +185,13 @@ pub async fn pull(
             .await
             .map_err(|_| PullError::Stalled(IDLE))?;
         let Some(message) = next else {
-            return Err(PullError::Nats(format!("{stream}: the consumer ended")));
+            return Err(PullError::ConsumerEnded(stream.to_owned()));
         };
-        let message = message.map_err(|e| PullError::Nats(format!("reading {stream}: {e}")))?;
+        let message = message.map_err(nats(format!("reading {stream}")))?;
         let (stream_seq, pending) = message
             .info()
             .map(|i| (i.stream_sequence, i.pending))
-            .map_err(|e| PullError::Nats(format!("reading {stream}: {e}")))?;
+            .map_err(nats(format!("reading {stream}")))?;
         rebuild.messages += 1;
         let subject = message.subject.as_str();
         if subject == record_subject {
@@ -229,6 +238,17 @@ pub fn pull_blocking(
         .enable_all()
         .build()?
         .block_on(pull(url, stream, out_dir, keys))
+}
+
+/// Wraps a NATS client error with what the pull was doing.
+fn nats<E>(doing: String) -> impl FnOnce(E) -> PullError
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    move |e| PullError::Nats {
+        doing,
+        source: e.into(),
+    }
 }
 
 /// The checkpoint in a note's bytes (signatures are checked by the final

@@ -4,7 +4,7 @@
 //! checked, with errors that name the field. docs/contract.md describes the
 //! file; examples/contract.toml is a complete one.
 
-use crate::error::SettleError;
+use crate::error::{CalendarError, SettleError};
 use crate::money::BPS;
 use crate::period::{self, Instant};
 use serde::Deserialize;
@@ -241,8 +241,7 @@ impl Contract {
 
     /// Parses and validates contract TOML.
     pub fn parse(text: &str) -> Result<Contract, SettleError> {
-        let raw: RawContract =
-            toml::from_str(text).map_err(|e| SettleError::ContractSyntax(e.to_string()))?;
+        let raw: RawContract = toml::from_str(text).map_err(SettleError::ContractSyntax)?;
         validate(raw)
     }
 
@@ -260,6 +259,13 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> SettleError 
     SettleError::Contract {
         field: field.into(),
         message: message.into(),
+    }
+}
+
+fn bad_time(field: impl Into<String>, source: CalendarError) -> SettleError {
+    SettleError::ContractTime {
+        field: field.into(),
+        source,
     }
 }
 
@@ -335,7 +341,7 @@ fn validate(raw: RawContract) -> Result<Contract, SettleError> {
 }
 
 fn validate_term(raw: RawTerm) -> Result<Term, SettleError> {
-    let start_date = period::parse_date(&raw.start).map_err(|m| invalid("term.start", m))?;
+    let start_date = period::parse_date(&raw.start).map_err(|e| bad_time("term.start", e))?;
     if start_date.2 > 28 {
         return Err(invalid(
             "term.start",
@@ -470,9 +476,9 @@ fn validate_credits(raw: Vec<RawCredit>) -> Result<Vec<Credit>, SettleError> {
             ));
         }
         let granted_at =
-            period::parse_instant(&c.granted_at).map_err(|m| invalid(f("granted_at"), m))?;
+            period::parse_instant(&c.granted_at).map_err(|e| bad_time(f("granted_at"), e))?;
         let expires_at =
-            period::parse_instant(&c.expires_at).map_err(|m| invalid(f("expires_at"), m))?;
+            period::parse_instant(&c.expires_at).map_err(|e| bad_time(f("expires_at"), e))?;
         if expires_at <= granted_at {
             return Err(invalid(f("expires_at"), "must be after granted_at"));
         }

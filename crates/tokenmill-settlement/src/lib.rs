@@ -46,7 +46,7 @@ pub mod source;
 pub mod statement;
 
 pub use contract::{Contract, FundedBy};
-pub use error::SettleError;
+pub use error::{CalendarError, SettleError};
 pub use period::Month;
 pub use source::VerifiedLedger;
 pub use statement::{settle, Statement};

@@ -8,6 +8,7 @@
 //! Every boundary is a whole second, so comparing a record's time with a
 //! boundary needs only the record's whole seconds (rounded down).
 
+use crate::error::CalendarError;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -80,22 +81,38 @@ pub fn instant_of(t: SystemTime) -> Instant {
     }
 }
 
-fn digits(s: &str, what: &str) -> Result<u32, String> {
+/// A field of ASCII digits as a number. Callers check the field's width
+/// (at most 4 digits) first, so the value always fits.
+fn digits(s: &str, field: &'static str) -> Result<u32, CalendarError> {
+    let not_a_number = || CalendarError::NotANumber {
+        field,
+        digits: s.to_owned(),
+    };
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("{what} {s:?} is not a number"));
+        return Err(not_a_number());
     }
-    s.parse()
-        .map_err(|_| format!("{what} {s:?} is out of range"))
+    s.parse().map_err(|_| not_a_number())
+}
+
+const DATE: &str = "a date YYYY-MM-DD";
+const INSTANT: &str = "YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ";
+const MONTH: &str = "a month YYYY-MM";
+
+fn shape(text: &str, expected: &'static str) -> CalendarError {
+    CalendarError::Shape {
+        text: text.to_owned(),
+        expected,
+    }
 }
 
 /// Parses `YYYY-MM-DD` into (year, month, day), checking the day exists.
-pub fn parse_date(s: &str) -> Result<(i64, u32, u32), String> {
+pub fn parse_date(s: &str) -> Result<(i64, u32, u32), CalendarError> {
     let parts: Vec<&str> = s.split('-').collect();
     let [y, m, d] = parts.as_slice() else {
-        return Err(format!("{s:?} is not a date YYYY-MM-DD"));
+        return Err(shape(s, DATE));
     };
     if y.len() != 4 || m.len() != 2 || d.len() != 2 {
-        return Err(format!("{s:?} is not a date YYYY-MM-DD"));
+        return Err(shape(s, DATE));
     }
     let (year, month, day) = (
         i64::from(digits(y, "year")?),
@@ -103,16 +120,22 @@ pub fn parse_date(s: &str) -> Result<(i64, u32, u32), String> {
         digits(d, "day")?,
     );
     if !(1..=12).contains(&month) {
-        return Err(format!("{s:?}: month {month} is not 1 to 12"));
+        return Err(CalendarError::NoSuchMonth {
+            text: s.to_owned(),
+            month,
+        });
     }
     if day == 0 || day > days_in_month(year, month) {
-        return Err(format!("{s:?}: day {day} does not exist in that month"));
+        return Err(CalendarError::NoSuchDay {
+            text: s.to_owned(),
+            day,
+        });
     }
     Ok((year, month, day))
 }
 
 /// Parses `YYYY-MM-DD` (midnight UTC) or `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn parse_instant(s: &str) -> Result<Instant, String> {
+pub fn parse_instant(s: &str) -> Result<Instant, CalendarError> {
     let (date, time) = match s.split_once('T') {
         Some((date, time)) => (date, Some(time)),
         None => (s, None),
@@ -120,14 +143,13 @@ pub fn parse_instant(s: &str) -> Result<Instant, String> {
     let (y, m, d) = parse_date(date)?;
     let mut t = days_from_civil(y, m, d) * SECONDS_PER_DAY;
     if let Some(time) = time {
-        let bad = || format!("{s:?} is not YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ");
-        let hms = time.strip_suffix('Z').ok_or_else(bad)?;
+        let hms = time.strip_suffix('Z').ok_or_else(|| shape(s, INSTANT))?;
         let parts: Vec<&str> = hms.split(':').collect();
         let [h, mi, se] = parts.as_slice() else {
-            return Err(bad());
+            return Err(shape(s, INSTANT));
         };
         if h.len() != 2 || mi.len() != 2 || se.len() != 2 {
-            return Err(bad());
+            return Err(shape(s, INSTANT));
         }
         let (h, mi, se) = (
             digits(h, "hour")?,
@@ -135,7 +157,12 @@ pub fn parse_instant(s: &str) -> Result<Instant, String> {
             digits(se, "second")?,
         );
         if h > 23 || mi > 59 || se > 59 {
-            return Err(bad());
+            return Err(CalendarError::NoSuchTime {
+                text: s.to_owned(),
+                hour: h,
+                minute: mi,
+                second: se,
+            });
         }
         t += i64::from(h * 3600 + mi * 60 + se);
     }
@@ -151,16 +178,19 @@ pub struct Month {
 
 impl Month {
     /// Parses `YYYY-MM`.
-    pub fn parse(s: &str) -> Result<Month, String> {
+    pub fn parse(s: &str) -> Result<Month, CalendarError> {
         let Some((y, m)) = s.split_once('-') else {
-            return Err(format!("{s:?} is not a month YYYY-MM"));
+            return Err(shape(s, MONTH));
         };
         if y.len() != 4 || m.len() != 2 {
-            return Err(format!("{s:?} is not a month YYYY-MM"));
+            return Err(shape(s, MONTH));
         }
         let month = digits(m, "month")?;
         if !(1..=12).contains(&month) {
-            return Err(format!("{s:?}: month {month} is not 1 to 12"));
+            return Err(CalendarError::NoSuchMonth {
+                text: s.to_owned(),
+                month,
+            });
         }
         Ok(Month {
             year: i64::from(digits(y, "year")?),
@@ -254,6 +284,45 @@ mod tests {
             assert!(parse_instant(bad).is_err(), "{bad}");
         }
         assert_eq!(format_instant(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let text = |s: &str| s.to_owned();
+        assert_eq!(
+            parse_date("2023-02-29"),
+            Err(CalendarError::NoSuchDay {
+                text: text("2023-02-29"),
+                day: 29
+            })
+        );
+        assert_eq!(
+            parse_instant("2024-01-01T24:00:00Z"),
+            Err(CalendarError::NoSuchTime {
+                text: text("2024-01-01T24:00:00Z"),
+                hour: 24,
+                minute: 0,
+                second: 0
+            })
+        );
+        assert_eq!(
+            parse_instant("2024-01-01T10:00:00"),
+            Err(CalendarError::Shape {
+                text: text("2024-01-01T10:00:00"),
+                expected: INSTANT
+            })
+        );
+        assert_eq!(
+            parse_date("2024-0x-01"),
+            Err(CalendarError::NotANumber {
+                field: "month",
+                digits: text("0x")
+            })
+        );
+        assert_eq!(
+            Month::parse("2024-13").map_err(|e| e.to_string()),
+            Err("\"2024-13\": month 13 is not 1 to 12".to_owned())
+        );
     }
 
     #[test]

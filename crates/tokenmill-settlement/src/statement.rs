@@ -349,13 +349,15 @@ pub fn settle(
     period: Month,
 ) -> Result<Statement, SettleError> {
     let months = term_months(contract);
-    let target = months.iter().position(|m| *m == period).ok_or_else(|| {
-        SettleError::Period(format!(
-            "{period} is not a month of the contract's term ({} to {})",
-            months.first().map_or_else(String::new, ToString::to_string),
-            months.last().map_or_else(String::new, ToString::to_string),
-        ))
-    })?;
+    let target =
+        months
+            .iter()
+            .position(|m| *m == period)
+            .ok_or_else(|| SettleError::OutsideTerm {
+                period,
+                first: months.first().copied(),
+                last: months.last().copied(),
+            })?;
     let grace = contract.term.grace_seconds;
     let cutoffs: Vec<Option<usize>> = months
         .iter()
@@ -402,7 +404,7 @@ pub fn settle(
     for (n, bucket) in buckets.iter().enumerate() {
         statement = Some(run.month(n, bucket)?);
     }
-    statement.ok_or_else(|| SettleError::Period(format!("{period}: nothing to settle")))
+    statement.ok_or(SettleError::NothingToSettle(period))
 }
 
 /// A record placed in a statement.

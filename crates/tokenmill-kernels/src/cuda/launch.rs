@@ -180,6 +180,9 @@ pub fn rotary<T: DeviceElement>(
 /// A step's [`PagedMeta`] on the device, with the prefill tiles when the
 /// step is not decode-only.
 pub struct DeviceMeta {
+    /// The step's metadata on the host: the launchers read its counts and
+    /// shapes (tokens, sequences, block size, longest context) from here,
+    /// and the device buffers below hold copies of its vectors.
     pub meta: PagedMeta,
     block_tables: CudaSlice<u32>,
     token_seq: CudaSlice<u32>,

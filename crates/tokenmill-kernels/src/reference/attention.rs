@@ -65,8 +65,14 @@ fn dot<T: Element>(q: &[f32], k: &[T]) -> f32 {
 /// the largest score, the sum of exponentials and the normalised output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Partial {
+    /// The largest scaled score `q·k` over the partition (`-inf` for an
+    /// empty partition, past the end of a short context).
     pub max: f32,
+    /// The sum of `exp(score - max)` over the partition (0 when empty);
+    /// the merge weighs the partition by `sum * exp(max - overall max)`.
     pub sum: f32,
+    /// The partition's attention output, `head_dim` values, already
+    /// divided by `sum` (zeros when empty).
     pub out: Vec<f32>,
 }
 

@@ -176,9 +176,15 @@ impl SampledRow {
 /// [`NO_TOKEN`] and `-inf`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleOutputs {
+    /// The chosen token of each row: `[rows]`.
     pub tokens: Vec<u32>,
+    /// The chosen token's log-probability under the model's distribution
+    /// (log_softmax of the logits, no temperature): `[rows]`.
     pub token_logprobs: Vec<f32>,
+    /// Each row's `num_logprobs` most likely tokens, descending, lowest
+    /// index first on ties: `[rows, 20]`.
     pub top_ids: Vec<u32>,
+    /// Their log-probabilities: `[rows, 20]`.
     pub top_logprobs: Vec<f32>,
 }
 
