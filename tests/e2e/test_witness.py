@@ -263,6 +263,20 @@ def test_a_server_keeps_serving_while_its_witness_is_down_and_settlement_rests_o
     plain = json.loads(settle(ledger).stdout)
     assert plain["revenue"] == statement["revenue"], "the same history, the same money"
 
+    # The JSON lines export carries the cosigned checkpoints; a ledger
+    # rebuilt from it settles on them the same way.
+    full = _tokenmill("ledger", "export", str(ledger), "--format", "jsonl", "--checkpoints")
+    kinds = [json.loads(line)["type"] for line in full.stdout.splitlines()]
+    assert "cosigned_checkpoint" in kinds
+    assert kinds.index("cosigned_checkpoint") > kinds.index("checkpoint")
+    exported = tmp_path / "export.jsonl"
+    exported.write_text(full.stdout)
+    rebuilt = tmp_path / "rebuilt"
+    imported = _tokenmill("ledger", "import", str(exported), "--out", str(rebuilt), "--public-key", str(log_pub))
+    assert imported.returncode == 0, imported.stderr
+    again = settle(rebuilt, "--witness-key", str(witness_vkey), "--min-cosigners", "1")
+    assert again.returncode == 0 and again.stdout == witnessed.stdout, again.stderr
+
     # Another history under the same key and origin (the cloud's second
     # ledger): the witness never saw it, so it cannot be settled on.
     fork_data = tmp_path / "fork"

@@ -161,10 +161,20 @@ struct CheckpointLine<'a> {
 }
 
 fn export(dir: &Path, out: &mut dyn Write, checkpoints: bool) -> Result<ExportReport, ExportError> {
-    let mut notes: Vec<(u64, String)> = Vec::new();
+    let mut notes: Vec<(u64, &'static str, String)> = Vec::new();
     if checkpoints {
         let (stored, _) = reader::read_notes(dir, TailPolicy::Tolerate)?;
-        for n in stored {
+        let (cosigned, _) = reader::read_note_file(
+            dir,
+            crate::frame::COSIGNATURES_FILE,
+            crate::frame::FileKind::Cosignatures,
+            TailPolicy::Tolerate,
+        )?;
+        let kinds = stored
+            .into_iter()
+            .map(|n| ("checkpoint", n))
+            .chain(cosigned.into_iter().map(|n| ("cosigned_checkpoint", n)));
+        for (kind, n) in kinds {
             let size = note::parse(&n.note)
                 .map_err(|e| e.to_string())
                 .and_then(|p| Checkpoint::parse(&p.text).map_err(|e| e.to_string()))
@@ -173,14 +183,16 @@ fn export(dir: &Path, out: &mut dyn Write, checkpoints: bool) -> Result<ExportRe
                     message: e,
                 })?
                 .size;
-            notes.push((size, n.note));
+            notes.push((size, kind, n.note));
         }
+        // By size, each checkpoint before its cosigned copies (stable).
+        notes.sort_by_key(|(size, kind, _)| (*size, *kind == "cosigned_checkpoint"));
     }
     let mut pending = notes.iter().peekable();
     let mut emit_due = |out: &mut dyn Write, size: u64| -> std::io::Result<()> {
-        while let Some((s, note)) = pending.next_if(|(s, _)| *s <= size) {
+        while let Some((s, kind, note)) = pending.next_if(|(s, _, _)| *s <= size) {
             let line = CheckpointLine {
-                kind: "checkpoint",
+                kind,
                 size: *s,
                 note,
             };

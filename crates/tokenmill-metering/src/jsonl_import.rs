@@ -16,6 +16,7 @@ use crate::import::{ImportError, Importer, LineProblem};
 use crate::keys::VerifierKey;
 use crate::record::{record_hash, Record, RecordBody};
 use crate::verify::VerifyReport;
+use crate::witnessed::{witnessed_checkpoints, CosignatureLog};
 use crate::writer::LedgerConfig;
 use serde::Deserialize;
 use std::io::BufRead;
@@ -59,6 +60,10 @@ enum Line {
         size: u64,
         note: String,
     },
+    CosignedCheckpoint {
+        size: u64,
+        note: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -92,6 +97,9 @@ fn time(field: &'static str, s: &str) -> Result<std::time::SystemTime, LineProbl
 enum Parsed {
     Record(Record, String),
     Checkpoint(u64, String),
+    /// A checkpoint note with witness cosignatures, for the `cosignatures`
+    /// file.
+    Cosigned(u64, String),
 }
 
 fn parse_line(text: &str) -> Result<Parsed, LineProblem> {
@@ -171,6 +179,7 @@ fn parse_line(text: &str) -> Result<Parsed, LineProblem> {
             hash,
         ),
         Line::Checkpoint { size, note } => Parsed::Checkpoint(size, note),
+        Line::CosignedCheckpoint { size, note } => Parsed::Cosigned(size, note),
     })
 }
 
@@ -181,7 +190,9 @@ pub fn import_jsonl(
     config: LedgerConfig,
     keys: &[VerifierKey],
 ) -> Result<VerifyReport, ImportError> {
+    let dir = config.dir.clone();
     let mut importer = Importer::create(config, None)?;
+    let mut cosigned = Vec::new();
     let mut text = String::new();
     let mut line = 0u64;
     loop {
@@ -220,9 +231,29 @@ pub fn import_jsonl(
                 }
                 importer.push_checkpoint(&note)?;
             }
+            Parsed::Cosigned(size, note) => {
+                if size > importer.records() {
+                    return Err(bad(LineProblem::CheckpointAhead {
+                        size,
+                        records: importer.records(),
+                    }));
+                }
+                cosigned.push(note);
+            }
         }
     }
-    importer.finish(keys)
+    let report = importer.finish(keys)?;
+    if !cosigned.is_empty() {
+        // Kept as exported; each must carry the ledger's signature over one
+        // of its own checkpoints (which cosignatures count is the
+        // verifier's choice of witness keys).
+        let mut log = CosignatureLog::open(&dir)?;
+        for note in &cosigned {
+            log.append(note)?;
+        }
+        witnessed_checkpoints(&dir, keys, &[])?;
+    }
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ const TIMESTAMP: u64 = 1_700_000_200;
 /// The checkpoint text of section 8.5.
 const CHECKPOINT_TEXT: &str = "tokenmill.example/golden\n3\n4aPaFxwMhy/jv3JNZHI7OimdaCTzwJKGfd0X06M0G1A=\ntime 1700000100000\n";
 
-const WITNESS_KEY: &str = "witness.example/golden+51ee31f8+BCmsuuFBvMrwsi4alNNNC8c2HlJtC/4SyJeUvJMilm3X";
+const WITNESS_KEY: &str =
+    "witness.example/golden+51ee31f8+BCmsuuFBvMrwsi4alNNNC8c2HlJtC/4SyJeUvJMilm3X";
 const KEY_ID_HEX: &str = "51ee31f8";
 const COSIGNATURE_LINE: &str = "— witness.example/golden Ue4x+AAAAABlU/HIP3/j46pxTURKTbw7zl5g+5+RvKKzDeLfrFy3xjxe1h00WVJKEIxPqbb3zWvkoqKIH4tkSvHhEyBhMsKTvLkPAA==";
 
@@ -35,7 +36,10 @@ fn witness_vectors() {
     if std::env::var_os("GOLDEN_PRINT").is_some() {
         println!("key {}", key.to_text());
         println!("id {:08x}", key.key_id());
-        println!("message {:?}", String::from_utf8_lossy(&signed_message(CHECKPOINT_TEXT, TIMESTAMP)));
+        println!(
+            "message {:?}",
+            String::from_utf8_lossy(&signed_message(CHECKPOINT_TEXT, TIMESTAMP))
+        );
         println!("line {line:?}");
         return;
     }
@@ -54,6 +58,9 @@ fn witness_vectors() {
 fn the_document_quotes_the_witness_vectors() {
     let doc = include_str!("../../../docs/ledger-format.md");
     for value in [WITNESS_SEED_HEX, WITNESS_KEY, KEY_ID_HEX, COSIGNATURE_LINE] {
-        assert!(doc.contains(value), "docs/ledger-format.md does not quote {value}");
+        assert!(
+            doc.contains(value),
+            "docs/ledger-format.md does not quote {value}"
+        );
     }
 }
