@@ -361,7 +361,6 @@ fn engine(args: EngineBench) -> anyhow::Result<()> {
         max_in_flight: usize::MAX,
         capacity_interval: Duration::from_secs(3600),
         device: "cpu".to_owned(),
-        sampler: tokenmill_engine::SamplerPlace::Auto,
     };
     let bar = if args.common.no_progress {
         ProgressBar::hidden()

@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokenmill_engine::{Engine, EngineConfig, SamplerPlace, SchedulerConfig};
+use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
 use tokenmill_metering::{keys, Ledger, LedgerConfig};
 use tokenmill_models::{catalog, LoadedModel};
 use tokenmill_nats::{ExportConfig, ExporterHandle};
@@ -54,12 +54,6 @@ pub struct ServeArgs {
     /// present, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// Where tokens are drawn: auto (the sampling kernel on a GPU, the host
-    /// sampler on the CPU), host (each sequence's sampler from its copied
-    /// logit row), or batched (the sampling kernel, or on the CPU its
-    /// reference).
-    #[arg(long, value_enum, default_value_t = SamplerArg::Auto)]
-    sampler: SamplerArg,
     /// The name clients use in `model` (default: the known name, or the
     /// file's stem).
     #[arg(long)]
@@ -477,11 +471,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_in_flight: args.max_in_flight,
             capacity_interval: Duration::from_secs_f64(args.capacity_interval),
             device: device_name,
-            sampler: match args.sampler {
-                SamplerArg::Auto => SamplerPlace::Auto,
-                SamplerArg::Host => SamplerPlace::Host,
-                SamplerArg::Batched => SamplerPlace::Batched,
-            },
         },
         meter,
     )?;
@@ -621,13 +610,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     interrupt.await.unwrap_or(());
-}
-
-/// `--sampler`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SamplerArg {
-    Auto,
-    Host,
-    Batched,
 }
