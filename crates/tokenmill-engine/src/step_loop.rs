@@ -13,9 +13,7 @@ use crate::engine::{EngineConfig, EngineStats};
 use crate::kv::BlockPool;
 use crate::output_processor::{InFlight, OutputProcessor};
 use crate::sampling::sampling_rows;
-use crate::sched::{
-    NewRequest, RequestKey, Scheduler, SchedulerOutput, Share, TokenLimits,
-};
+use crate::sched::{NewRequest, RequestKey, Scheduler, SchedulerOutput, Share, TokenLimits};
 use crate::telemetry;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -167,11 +165,8 @@ impl StepLoop {
         if cancelled.is_empty() {
             return;
         }
-        let ended = self
-            .scheduler
-            .abort(|id| cancelled.contains(&id.request));
-        self.outputs
-            .finish(&ended, FinishReason::Cancelled, None);
+        let ended = self.scheduler.abort(|id| cancelled.contains(&id.request));
+        self.outputs.finish(&ended, FinishReason::Cancelled, None);
     }
 
     /// Adds queued requests; waits for one when there is nothing to do.

@@ -535,10 +535,18 @@ fn by_hand(model: &Llama, tokens: &[u32], prompt_len: usize) -> Vec<Vec<f64>> {
     for end in prompt_len..=tokens.len() {
         let mut batch = ForwardBatch::default();
         batch.push(&tokens[start..end], end, table.clone(), LogitRows::Last);
-        let logits = model.forward(&batch, &cache).unwrap().to_vec2::<f32>().unwrap();
+        let logits = model
+            .forward(&batch, &cache)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let row = &logits[0];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let log_sum = row.iter().map(|l| f64::from(l - max).exp()).sum::<f64>().ln();
+        let log_sum = row
+            .iter()
+            .map(|l| f64::from(l - max).exp())
+            .sum::<f64>()
+            .ln();
         log_probs.push(row.iter().map(|l| f64::from(l - max) - log_sum).collect());
         start = end;
     }

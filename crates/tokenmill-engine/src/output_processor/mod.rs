@@ -8,7 +8,7 @@
 //! which sequences it ended itself (a stop string, a client gone), so the
 //! scheduler drops them and frees their blocks. A request is billed once,
 //! when its last completion ends, or when the processor is dropped with it
-//! still open (see [`request`]).
+//! still open (see the `request` module).
 
 mod in_flight;
 mod request;
@@ -83,7 +83,11 @@ impl OutputProcessor {
         rows: &[SampledRow],
         step_seconds: f64,
     ) -> Vec<(SequenceId, FinishReason)> {
-        let total = updates.iter().map(|u| u.computed_tokens).sum::<usize>().max(1) as f64;
+        let total = updates
+            .iter()
+            .map(|u| u.computed_tokens)
+            .sum::<usize>()
+            .max(1) as f64;
         let mut rows = rows.iter();
         let mut ended_here = Vec::new();
         for update in updates {

@@ -184,7 +184,11 @@ impl RequestOutput {
         if std::mem::replace(&mut completion.ended, true) {
             return;
         }
-        if self.tally.reason.is_none_or(|r| severity(reason) > severity(r)) {
+        if self
+            .tally
+            .reason
+            .is_none_or(|r| severity(reason) > severity(r))
+        {
             self.tally.reason = Some(reason);
         }
         if self.tally.error.is_none() {

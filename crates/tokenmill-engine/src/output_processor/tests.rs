@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 use tokenmill_protocol::{
-    Caller, CapacityRecord, GenerationEvent, OnRecorded, RequestId, SamplingParams,
-    StopConditions, UsageEvent,
+    Caller, CapacityRecord, GenerationEvent, OnRecorded, RequestId, SamplingParams, StopConditions,
+    UsageEvent,
 };
 
 /// Token `i` is the `i`-th piece; the end-of-generation token is 0.
@@ -143,7 +143,11 @@ fn a_stop_string_across_tokens_ends_the_sequence_and_is_cut_from_the_text() {
     assert!(p.process(&[token(0, 2, None)], &[row(2)], 0.1).is_empty());
     assert_eq!(client.text(0), "Hell");
     let ended = p.process(&[token(0, 3, None)], &[row(3)], 0.1);
-    assert_eq!(ended, [(id(0), FinishReason::Stop)], "the scheduler must drop it");
+    assert_eq!(
+        ended,
+        [(id(0), FinishReason::Stop)],
+        "the scheduler must drop it"
+    );
     assert_eq!(client.text(0), "Hell");
     assert!(p.is_empty(), "billed as soon as its last completion ended");
     let usage = client.finished();
@@ -178,7 +182,11 @@ fn the_schedulers_ends_flush_held_text_and_eos_is_no_text() {
     assert_eq!(client.text(1), "Hel");
     let usage = client.finished();
     assert_eq!(usage.len(), 1);
-    assert_eq!(usage[0].finish_reason, FinishReason::Length, "the more severe");
+    assert_eq!(
+        usage[0].finish_reason,
+        FinishReason::Length,
+        "the more severe"
+    );
     assert_eq!(usage[0].tokens.completion_tokens, 4);
 }
 

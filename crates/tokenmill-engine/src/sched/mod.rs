@@ -21,9 +21,7 @@ pub mod fair;
 mod sequence;
 
 pub use fair::FairQueue;
-pub use sequence::{
-    NewRequest, RequestKey, Sequence, SequenceId, Share, TokenFinish, TokenLimits,
-};
+pub use sequence::{NewRequest, RequestKey, Sequence, SequenceId, Share, TokenFinish, TokenLimits};
 
 use crate::kv::BlockPool;
 use tokenmill_models::{ForwardBatch, LogitRows, SamplingParamsRow};

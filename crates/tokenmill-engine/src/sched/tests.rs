@@ -93,9 +93,7 @@ fn run_flood(weights: (u32, u32)) -> (usize, usize) {
             .map(|(_, n)| n)
             .sum()
     };
-    let steps = drive_until(&mut s, |s, _| {
-        s.waiting.waiting_for(&trickle.tenant) == 0
-    });
+    let steps = drive_until(&mut s, |s, _| s.waiting.waiting_for(&trickle.tenant) == 0);
     // Up to the step that admitted the trickle's last request: from then
     // on the trickle has nothing waiting and its spare share goes to the
     // flood, as it should.
