@@ -100,9 +100,13 @@ impl StepLoop {
                     let seconds = forward_time.as_secs_f64();
                     let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
                     let updates = self.scheduler.update_from_output(&plan, &tokens);
+                    // Stop strings (and clients gone mid-send) end
+                    // sequences the scheduler still runs.
                     let ended = self.outputs.process(&updates, &rows, seconds);
-                    self.scheduler
-                        .abort(|id| ended.iter().any(|(e, _)| e == id));
+                    if !ended.is_empty() {
+                        self.scheduler
+                            .abort(|id| ended.iter().any(|(e, _)| e == id));
+                    }
                     self.capacity.record_step(seconds, &plan.tenant_tokens);
                 }
                 Err(e) => {
