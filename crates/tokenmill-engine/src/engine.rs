@@ -1,14 +1,12 @@
-//! The step loop: one thread owns the model, the KV cache and the scheduler,
-//! takes requests over a channel, and runs schedule -> forward -> update until
-//! every client hangs up.
+//! The engine's handle: starts the step loop on its own thread and
+//! implements the protocol's `EngineClient` in front of it.
 
-use crate::capacity::CapacityMeter;
-use crate::kv::BlockPool;
-use crate::sched::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, StepRow};
-use crate::telemetry;
-use candle_core::Tensor;
+use crate::error::EngineError;
+use crate::output_processor::InFlight;
+use crate::sched::SchedulerConfig;
+use crate::step_loop::{Command, StepLoop};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,7 +14,7 @@ use tokenmill_models::{ChatTemplate, ForwardBatch, LogitRows, PagedKvCache};
 use tokenmill_models::{Llama, LoadedModel, ModelError, ModelTokenizer, TemplateMessage};
 use tokenmill_protocol::{
     ChatMessage, EngineClient, EventSink, FinishReason, GenerateRequest, MeterSink, ModelInfo,
-    RequestFailure, SubmitError, TokenizeError,
+    SubmitError, TokenizeError,
 };
 
 /// Sizes of the engine's KV cache and steps.
@@ -36,21 +34,6 @@ pub struct EngineConfig {
     pub capacity_interval: Duration,
     /// The device name in capacity records.
     pub device: String,
-    /// Where tokens are drawn.
-    pub sampler: SamplerPlace,
-}
-
-/// Where the engine draws tokens from a step's logits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum SamplerPlace {
-    /// The model's batched sampler on a GPU, the host sampler on the CPU.
-    #[default]
-    Auto,
-    /// Each sequence's sampler on the host, from its copied logit row.
-    Host,
-    /// The model's batched sampler ([`Llama::sample`]): the sampling
-    /// kernel on a GPU, its CPU reference elsewhere.
-    Batched,
 }
 
 impl Default for EngineConfig {
@@ -62,7 +45,6 @@ impl Default for EngineConfig {
             max_in_flight: 1024,
             capacity_interval: Duration::from_secs(10),
             device: "cpu".to_owned(),
-            sampler: SamplerPlace::Auto,
         }
     }
 }
@@ -89,33 +71,6 @@ pub struct EngineStats {
     pub overhead_nanos: AtomicU64,
 }
 
-enum Command {
-    Submit(Box<GenerateRequest>, Box<dyn EventSink>, InFlight),
-    /// End every sequence now, with this reason (a drain's deadline).
-    AbortAll(FinishReason),
-}
-
-/// One request's place in the in-flight count; dropping it (with the request's
-/// sequence, on whatever path that ends) gives the place back.
-pub(crate) struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn claim(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
-        count
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| InFlight(count.clone()))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// The running engine: a handle that implements [`EngineClient`]. Dropping
 /// the last handle stops the loop once in-flight requests are done.
 pub struct Engine {
@@ -129,18 +84,19 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
 }
 
-/// How long the idle loop waits for a command before checking again.
-const IDLE_POLL: Duration = Duration::from_millis(50);
-
 impl Engine {
-    /// Starts the step loop on its own thread.
-    /// Usage and capacity records go to `meter`.
+    /// Takes a loaded model, allocates its KV cache, runs a warm-up forward
+    /// and starts the step loop on its own thread. Usage and capacity
+    /// records go to `meter`.
     pub fn start(
         model: LoadedModel,
         served_name: &str,
         config: EngineConfig,
         meter: Arc<dyn MeterSink>,
-    ) -> Result<Self, ModelError> {
+    ) -> Result<Self, EngineError> {
+        if config.block_size == 0 {
+            return Err(EngineError::Config("the block size must be positive"));
+        }
         let LoadedModel {
             model,
             tokenizer,
@@ -148,46 +104,39 @@ impl Engine {
         } = model;
         let context_length = model.config().context_length;
         let vocab_size = model.config().vocab_size;
-        let cache = model.new_kv_cache(config.block_size, config.num_blocks)?;
-        warm_up(&model, &cache)?;
+        let cache = model
+            .new_kv_cache(config.block_size, config.num_blocks)
+            .map_err(|source| EngineError::KvCache {
+                block_size: config.block_size,
+                num_blocks: config.num_blocks,
+                source,
+            })?;
+        warm_up(&model, &cache).map_err(EngineError::WarmUp)?;
         let tokenizer = Arc::new(tokenizer);
         let (commands, receiver) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         stats
             .free_blocks
             .store(config.num_blocks, Ordering::Relaxed);
-        let worker_stats = stats.clone();
-        let worker_tokenizer = tokenizer.clone();
-        let worker_config = config.clone();
-        let worker_meter = meter.clone();
+        let (worker_tokenizer, worker_config) = (tokenizer.clone(), config.clone());
+        let (worker_stats, worker_meter) = (stats.clone(), meter.clone());
         let thread = std::thread::Builder::new()
             .name("tokenmill-engine".to_owned())
             .spawn(move || {
-                // The block pool is single-threaded by design: it is built here,
-                // on the thread that owns it.
-                let pool = BlockPool::new(worker_config.num_blocks, worker_config.block_size);
-                let batched_sampling = match worker_config.sampler {
-                    SamplerPlace::Auto => !model.device().is_cpu(),
-                    SamplerPlace::Host => false,
-                    SamplerPlace::Batched => true,
-                };
-                StepLoop {
-                    scheduler: Scheduler::new(worker_config.scheduler, pool, context_length),
-                    batched_sampling,
+                // The block pool is single-threaded by design: the loop that
+                // owns it is built here, on its thread.
+                StepLoop::new(
                     model,
                     cache,
-                    tokenizer: worker_tokenizer,
-                    commands: receiver,
-                    stats: worker_stats,
-                    capacity: CapacityMeter::new(
-                        &worker_config.device,
-                        worker_config.capacity_interval,
-                    ),
-                    meter: worker_meter,
-                }
+                    worker_tokenizer,
+                    &worker_config,
+                    receiver,
+                    worker_stats,
+                    worker_meter,
+                )
                 .run()
             })
-            .map_err(|e| ModelError::Unsupported(format!("cannot start the engine thread: {e}")))?;
+            .map_err(EngineError::Thread)?;
         Ok(Engine {
             info: ModelInfo {
                 name: served_name.to_owned(),
@@ -292,163 +241,6 @@ impl Drop for Engine {
     }
 }
 
-/// State owned by the engine thread.
-struct StepLoop {
-    scheduler: Scheduler,
-    model: Llama,
-    cache: PagedKvCache,
-    tokenizer: Arc<ModelTokenizer>,
-    commands: Receiver<Command>,
-    stats: Arc<EngineStats>,
-    capacity: CapacityMeter,
-    meter: Arc<dyn MeterSink>,
-    /// Whether tokens are drawn by the model's batched sampler.
-    batched_sampling: bool,
-}
-
-impl StepLoop {
-    /// The sampling chunks' rows: tokens drawn by the batched sampler, or
-    /// logit rows for the host's.
-    fn step_rows(
-        &self,
-        plan: &SchedulerOutput,
-        logits: &Tensor,
-    ) -> Result<Vec<StepRow>, ModelError> {
-        if self.batched_sampling {
-            let params = self.scheduler.sampling_rows(plan);
-            Ok(self
-                .model
-                .sample(logits, &params)?
-                .into_iter()
-                .map(StepRow::Sampled)
-                .collect())
-        } else {
-            Ok(logit_rows(logits)?
-                .into_iter()
-                .map(StepRow::Logits)
-                .collect())
-        }
-    }
-
-    fn run(mut self) {
-        let mut open = true;
-        while open || !self.scheduler.is_idle() {
-            open = self.take_commands();
-            if let Some(record) = self.capacity.roll_if_due() {
-                self.meter.record_capacity(&record);
-            }
-            let step_started = Instant::now();
-            self.scheduler.drop_cancelled(&self.tokenizer);
-            let plan = self.scheduler.schedule();
-            if plan.is_empty() {
-                self.publish_stats();
-                continue;
-            }
-            let batch = self.scheduler.forward_batch(&plan);
-            let forward_started = Instant::now();
-            let forward = self
-                .model
-                .forward(&batch, &self.cache)
-                .and_then(|logits| self.step_rows(&plan, &logits));
-            let forward_time = forward_started.elapsed();
-            match forward {
-                Ok(rows) => {
-                    let seconds = forward_time.as_secs_f64();
-                    self.scheduler
-                        .update_from_output(&plan, &rows, seconds, &self.tokenizer);
-                    self.capacity.record_step(seconds, &plan.tenant_tokens);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "forward failed; aborting the batch");
-                    self.scheduler.abort_all(
-                        FinishReason::Error,
-                        Some(RequestFailure::Model(e.to_string())),
-                        &self.tokenizer,
-                    );
-                }
-            }
-            self.stats.steps.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .forward_nanos
-                .fetch_add(forward_time.as_nanos() as u64, Ordering::Relaxed);
-            let overhead = step_started.elapsed().saturating_sub(forward_time);
-            self.stats
-                .overhead_nanos
-                .fetch_add(overhead.as_nanos() as u64, Ordering::Relaxed);
-            telemetry::step(
-                plan.chunks.len(),
-                plan.num_tokens(),
-                forward_time.as_secs_f64(),
-                overhead.as_secs_f64(),
-            );
-            self.publish_stats();
-        }
-        self.meter.record_capacity(&self.capacity.roll());
-        let steps = self.stats.steps.load(Ordering::Relaxed).max(1);
-        tracing::info!(
-            steps,
-            forward_ms_per_step =
-                self.stats.forward_nanos.load(Ordering::Relaxed) as f64 / steps as f64 / 1e6,
-            overhead_ms_per_step =
-                self.stats.overhead_nanos.load(Ordering::Relaxed) as f64 / steps as f64 / 1e6,
-            "engine stopped"
-        );
-    }
-
-    /// Adds queued requests; waits for one when there is nothing to do.
-    /// Returns `false` once every handle is gone.
-    fn take_commands(&mut self) -> bool {
-        if self.scheduler.is_idle() {
-            match self.commands.recv_timeout(IDLE_POLL) {
-                Ok(command) => self.handle(command),
-                Err(RecvTimeoutError::Timeout) => return true,
-                Err(RecvTimeoutError::Disconnected) => return false,
-            }
-        }
-        loop {
-            match self.commands.try_recv() {
-                Ok(command) => self.handle(command),
-                Err(mpsc::TryRecvError::Empty) => return true,
-                Err(mpsc::TryRecvError::Disconnected) => return false,
-            }
-        }
-    }
-
-    fn publish_stats(&self) {
-        let (waiting, running) = self.scheduler.len();
-        let free = self.scheduler.pool().num_free();
-        self.stats.waiting.store(waiting, Ordering::Relaxed);
-        self.stats.running.store(running, Ordering::Relaxed);
-        self.stats.free_blocks.store(free, Ordering::Relaxed);
-        let preemptions = self.scheduler.preemptions();
-        let before = self.stats.preemptions.swap(preemptions, Ordering::Relaxed);
-        telemetry::preempted(preemptions.saturating_sub(before));
-        telemetry::state(waiting, running, free, self.scheduler.pool().num_blocks());
-    }
-
-    fn handle(&mut self, command: Command) {
-        match command {
-            Command::Submit(request, sink, slot) => {
-                // The tenant is the prefix cache's salt: one tenant's
-                // prompts never serve another's.
-                let pool = self.scheduler.pool().clone();
-                let salt = request.caller.tenant.0.clone();
-                let sequence = Sequence::for_request_holding(
-                    *request,
-                    sink,
-                    self.meter.clone(),
-                    Some(slot),
-                    || pool.empty_sequence(&salt),
-                );
-                self.scheduler.add(sequence);
-            }
-            Command::AbortAll(reason) => {
-                self.scheduler.abort_all(reason, None, &self.tokenizer);
-            }
-        }
-    }
-}
-
 /// Runs a 2-token prefill and a decode step through the model before the
 /// engine takes requests, over the first cache blocks (free at start: a
 /// sequence that gets them later overwrites every slot before reading it).
@@ -473,8 +265,4 @@ fn warm_up(model: &Llama, cache: &PagedKvCache) -> Result<(), ModelError> {
         "warm-up forward done"
     );
     Ok(())
-}
-
-fn logit_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
-    Ok(logits.to_vec2::<f32>()?)
 }

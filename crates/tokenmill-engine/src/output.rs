@@ -3,6 +3,28 @@
 
 use tokenmill_models::ModelTokenizer;
 
+/// What the output needs of a tokenizer: ids back to text. A trait so that
+/// the output's logic is tested on a toy vocabulary as well as the model's.
+pub trait Detokenizer {
+    /// The text of `ids` decoded together (byte-level pieces merged);
+    /// incomplete UTF-8 reads as U+FFFD.
+    fn decode(&self, ids: &[u32]) -> String;
+    /// The bytes of one token (part of a UTF-8 character, possibly).
+    fn token_bytes(&self, id: u32) -> Vec<u8>;
+}
+
+impl Detokenizer for ModelTokenizer {
+    fn decode(&self, ids: &[u32]) -> String {
+        // An id the vocabulary lacks decodes to nothing rather than failing
+        // the request: the model only draws ids of its own vocabulary.
+        ModelTokenizer::decode(self, ids).unwrap_or_default()
+    }
+
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        ModelTokenizer::token_bytes(self, id)
+    }
+}
+
 /// What one new token did to the output.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct TextDelta {
@@ -44,7 +66,7 @@ impl OutputText {
     }
 
     /// Appends a generated token; returns the text that became final.
-    pub fn push(&mut self, tokenizer: &ModelTokenizer, id: u32) -> TextDelta {
+    pub fn push(&mut self, tokenizer: &(impl Detokenizer + ?Sized), id: u32) -> TextDelta {
         self.ids.push(id);
         let new = self.unread_text(tokenizer);
         // Wait for the rest of a character split over tokens.
@@ -57,7 +79,7 @@ impl OutputText {
     }
 
     /// Ends the output without a stop string: everything held back is final.
-    pub fn finish(&mut self, tokenizer: &ModelTokenizer) -> TextDelta {
+    pub fn finish(&mut self, tokenizer: &(impl Detokenizer + ?Sized)) -> TextDelta {
         let new = self.unread_text(tokenizer);
         self.text.push_str(&new);
         self.read_offset = self.ids.len();
@@ -66,16 +88,12 @@ impl OutputText {
 
     /// Text the ids after `read_offset` add, decoded together with the ids
     /// from `prefix_offset` so byte-level pieces merge as they should.
-    fn unread_text(&self, tokenizer: &ModelTokenizer) -> String {
+    fn unread_text(&self, tokenizer: &(impl Detokenizer + ?Sized)) -> String {
         if self.read_offset == self.ids.len() {
             return String::new();
         }
-        let before = tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])
-            .unwrap_or_default();
-        let after = tokenizer
-            .decode(&self.ids[self.prefix_offset..])
-            .unwrap_or_default();
+        let before = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let after = tokenizer.decode(&self.ids[self.prefix_offset..]);
         after.get(before.len()..).unwrap_or_default().to_owned()
     }
 

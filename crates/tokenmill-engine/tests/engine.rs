@@ -8,7 +8,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokenmill_engine::{Engine, EngineConfig, SchedulerConfig};
-use tokenmill_models::{catalog, LoadedModel};
+use tokenmill_models::{catalog, ForwardBatch, Llama, LoadedModel, LogitRows};
 use tokenmill_protocol::{
     Caller, CapacityRecord, DiscardMeter, EngineClient, EventSink, FinishReason, GenerateRequest,
     GenerationEvent, MeterSink, OnRecorded, RequestId, SamplingParams, StopConditions,
@@ -522,72 +522,119 @@ fn when_usage_cannot_be_recorded_the_client_gets_an_error_and_new_requests_are_r
     ));
 }
 
-/// The batched sampler (the sampling kernel's CPU reference here; the kernel
-/// itself on a GPU) behind the same requests: greedy gives the host
-/// sampler's tokens; a seeded request at temperature 1 gives the same tokens
-/// twice, alone or beside other requests, and different ones for another
-/// seed; logprobs come back with the chosen token among its alternatives
-/// when it is the most likely.
-#[test]
-fn the_batched_sampler_draws_what_the_host_sampler_would() {
-    use tokenmill_engine::SamplerPlace;
-    let host = start(EngineConfig {
-        sampler: SamplerPlace::Host,
-        ..EngineConfig::default()
-    });
-    let greedy_host: Vec<Vec<u32>> = PROMPTS[..3]
-        .iter()
-        .map(|p| collect(submit(&host, "h", p, 12, None)).1)
-        .collect();
-    drop(host);
+/// Greedy decoding by hand on the model itself: the prompt prefilled in one
+/// chunk, then one decode per token (as the engine runs a lone request), the
+/// argmax of each step's CPU logits, and the log-softmax of every step (the
+/// model's own distribution, in f64).
+fn by_hand(model: &Llama, tokens: &[u32], prompt_len: usize) -> Vec<Vec<f64>> {
+    let block_size = 16;
+    let cache = model.new_kv_cache(block_size, 64).unwrap();
+    let table: Vec<u32> = (0..64).collect();
+    let mut log_probs = Vec::new();
+    let mut start = 0;
+    for end in prompt_len..=tokens.len() {
+        let mut batch = ForwardBatch::default();
+        batch.push(&tokens[start..end], end, table.clone(), LogitRows::Last);
+        let logits = model
+            .forward(&batch, &cache)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let row = &logits[0];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = row
+            .iter()
+            .map(|l| f64::from(l - max).exp())
+            .sum::<f64>()
+            .ln();
+        log_probs.push(row.iter().map(|l| f64::from(l - max) - log_sum).collect());
+        start = end;
+    }
+    log_probs
+}
 
-    let batched = start(EngineConfig {
-        sampler: SamplerPlace::Batched,
-        ..EngineConfig::default()
-    });
-    let greedy_batched: Vec<Vec<u32>> = PROMPTS[..3]
-        .iter()
-        .map(|p| collect(submit(&batched, "b", p, 12, None)).1)
-        .collect();
-    assert_eq!(greedy_batched, greedy_host);
+fn argmax(values: &[f64]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// One sampler everywhere (the model's: the sampling kernel on a GPU, its
+/// bit-exact CPU reference here): greedy is the argmax of the model's CPU
+/// logits; a seeded request at temperature 0.8 gives the same tokens twice,
+/// alone or beside other requests, and other tokens for another seed; the
+/// logprobs it returns are the model's own distribution (before temperature
+/// and top-p), whatever token was drawn.
+#[test]
+fn one_sampler_is_greedy_reproducible_and_reports_the_models_logprobs() {
+    let path = catalog::find("smollm2").expect("known").path();
+    let model = LoadedModel::from_gguf_file(&path, &Device::Cpu, |_, _| {})
+        .expect("run models/fetch-smollm2.sh")
+        .model;
+    let engine = start(EngineConfig::default());
+    for (i, prompt) in PROMPTS[..3].iter().enumerate() {
+        let (_, ids, usage) = collect(submit(&engine, &format!("g{i}"), prompt, 12, None));
+        let prompt_tokens = engine.tokenize(prompt).unwrap();
+        let mut all = prompt_tokens.clone();
+        all.extend(&ids[..ids.len() - 1]);
+        let steps = by_hand(&model, &all, prompt_tokens.len());
+        let by_hand: Vec<u32> = steps.iter().map(|lp| argmax(lp)).collect();
+        assert_eq!(ids, by_hand, "greedy is the argmax of the CPU logits");
+        assert_eq!(usage.tokens.completion_tokens, ids.len() as u64);
+    }
 
     let seeded = |seed: u64, logprobs: Option<usize>| {
-        let mut r = request(&batched, "s", PROMPTS[0], 16);
+        let mut r = request(&engine, "s", PROMPTS[0], 16);
         r.sampling = SamplingParams {
-            temperature: 1.0,
+            temperature: 0.8,
             top_p: 0.9,
             seed: Some(seed),
         };
         r.logprobs = logprobs;
         r
     };
-    let alone = collect_all(submit_request(&batched, seeded(7, Some(3)), None)).0;
+    let alone = collect_all(submit_request(&engine, seeded(7, Some(3)), None)).0;
     // The same seed beside two other requests in the same steps.
     let others: Vec<_> = PROMPTS[3..5]
         .iter()
-        .map(|p| submit(&batched, "o", p, 16, None))
+        .map(|p| submit(&engine, "o", p, 16, None))
         .collect();
-    let together = collect_all(submit_request(&batched, seeded(7, Some(3)), None)).0;
+    let together = collect_all(submit_request(&engine, seeded(7, Some(3)), None)).0;
     for o in others {
         collect(o);
     }
-    assert_eq!(alone[0].ids, together[0].ids);
-    let other_seed = collect_all(submit_request(&batched, seeded(8, None), None)).0;
+    assert_eq!(alone, together, "a seed draws the same tokens in any batch");
+    let other_seed = collect_all(submit_request(&engine, seeded(8, None), None)).0;
     assert_ne!(
         alone[0].ids, other_seed[0].ids,
         "another seed, other tokens"
     );
 
-    let steps = &alone[0].logprobs;
-    assert_eq!(steps.len(), alone[0].ids.len());
-    for (step, id) in steps.iter().zip(&alone[0].ids) {
-        assert_eq!(step.chosen.token, *id);
-        assert!(step.chosen.logprob <= 0.0 && step.chosen.logprob.is_finite());
-        assert_eq!(step.top.len(), 3);
-        assert!(step.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
-        assert!(step.chosen.logprob <= step.top[0].logprob + 1e-6);
-        if step.chosen.logprob >= step.top[0].logprob {
-            assert_eq!(step.top[0].token, *id);
+    let choice = &alone[0];
+    let prompt_tokens = engine.tokenize(PROMPTS[0]).unwrap();
+    let mut all = prompt_tokens.clone();
+    all.extend(&choice.ids[..choice.ids.len() - 1]);
+    let steps = by_hand(&model, &all, prompt_tokens.len());
+    let eog = usize::from(choice.reason == Some(FinishReason::Stop));
+    assert_eq!(choice.logprobs.len(), choice.ids.len() - eog);
+    for ((lp, id), model_lp) in choice.logprobs.iter().zip(&choice.ids).zip(&steps) {
+        assert_eq!(lp.chosen.token, *id);
+        let own = model_lp[*id as usize];
+        assert!(
+            (f64::from(lp.chosen.logprob) - own).abs() < 1e-3,
+            "logprob {} of token {id}, the model's own is {own}",
+            lp.chosen.logprob
+        );
+        assert_eq!(lp.top.len(), 3);
+        assert_eq!(lp.top[0].token, argmax(model_lp), "the most likely first");
+        assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        for alternative in &lp.top {
+            let own = model_lp[alternative.token as usize];
+            assert!((f64::from(alternative.logprob) - own).abs() < 1e-3);
         }
     }
 }

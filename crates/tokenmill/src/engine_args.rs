@@ -166,7 +166,6 @@ impl EngineSettings {
             max_in_flight,
             capacity_interval,
             device: device_name.to_owned(),
-            ..EngineConfig::default()
         }
     }
 

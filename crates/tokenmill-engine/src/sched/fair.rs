@@ -48,7 +48,7 @@ impl FairQueue {
 
     /// Queues a newly arrived sequence behind its tenant's others.
     pub fn push_back(&mut self, sequence: Sequence) {
-        let tenant = sequence.caller().tenant.clone();
+        let tenant = sequence.share().tenant.clone();
         if self
             .tenants
             .get(&tenant)
@@ -132,9 +132,9 @@ impl FairQueue {
     }
 
     fn entry(&mut self, sequence: &Sequence) -> &mut TenantQueue {
-        let caller = sequence.caller();
-        let queue = self.tenants.entry(caller.tenant.clone()).or_default();
-        queue.weight = caller.weight.max(1);
+        let share = sequence.share();
+        let queue = self.tenants.entry(share.tenant.clone()).or_default();
+        queue.weight = share.weight.max(1);
         queue
     }
 }
