@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use std::fmt;
 use std::str::FromStr;
+use tokenmill_models::{ForwardOptions, ForwardPath};
 
 /// The `--device` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +82,23 @@ pub fn open(choice: DeviceChoice) -> anyhow::Result<(Device, String)> {
             }
             Ok((Device::Cpu, "cpu".to_owned()))
         }
+    }
+}
+
+/// How the model runs its forward on `device`, from the environment (until
+/// these become flags): on a GPU, `TOKENMILL_GPU_KERNELS=0` runs candle's
+/// ops instead of our kernels (and no graphs), `TOKENMILL_CUDA_GRAPHS=0`
+/// keeps our kernels without CUDA graphs. The CPU always runs our kernels.
+pub fn forward_options(device: &Device) -> ForwardOptions {
+    let off = |name: &str| std::env::var(name).is_ok_and(|v| v == "0");
+    let path = if !device.is_cpu() && off("TOKENMILL_GPU_KERNELS") {
+        ForwardPath::CandleOps
+    } else {
+        ForwardPath::Kernels
+    };
+    ForwardOptions {
+        path,
+        cuda_graphs: !off("TOKENMILL_CUDA_GRAPHS"),
     }
 }
 

@@ -145,7 +145,7 @@ fn print_logits(
     choice: DeviceChoice,
 ) -> anyhow::Result<()> {
     let (device, device_name) = device::open(choice)?;
-    let network = match (model, random_weights) {
+    let mut network = match (model, random_weights) {
         (_, Some(config)) => {
             let text = std::fs::read_to_string(config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -165,6 +165,7 @@ fn print_logits(
         (Some(file), None) => LoadedModel::from_gguf_file(file, &device, |_, _| {})?.model,
         (None, None) => bail!("give --model or --random-weights"),
     };
+    network.set_forward_options(device::forward_options(&device))?;
     let context = network.config().context_length;
     if tokens.len() > context {
         bail!(

@@ -421,6 +421,10 @@ fn load(path: &Path, args: &ServeArgs, device: &Device) -> anyhow::Result<Loaded
         }
     };
     bar.finish_and_clear();
+    let mut model = model;
+    model
+        .model
+        .set_forward_options(crate::device::forward_options(device))?;
     Ok(model)
 }
 
