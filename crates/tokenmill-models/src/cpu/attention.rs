@@ -88,7 +88,10 @@ pub fn paged_attention_strided(
     let width = shape.num_heads * shape.head_dim;
     let tokens: usize = chunks.iter().map(|c| c.num_tokens).sum();
     assert!(shape.num_kv_heads > 0 && shape.num_heads.is_multiple_of(shape.num_kv_heads));
-    assert!(q_row_stride >= width, "rows of {q_row_stride} for {width} queries");
+    assert!(
+        q_row_stride >= width,
+        "rows of {q_row_stride} for {width} queries"
+    );
     assert_eq!(q.len(), tokens * q_row_stride, "queries of {tokens} tokens");
     assert_eq!(keys.len(), values.len());
     // One unit per (token, kv head): the group of query heads that reads the
@@ -118,7 +121,14 @@ pub fn paged_attention_strided(
     let run = |u: usize| {
         let unit = &units[u];
         let mut head_out = vec![0f32; span];
-        unit.attend(shape, kernel, &q[unit.row * q_row_stride..][..width], keys, values, &mut head_out);
+        unit.attend(
+            shape,
+            kernel,
+            &q[unit.row * q_row_stride..][..width],
+            keys,
+            values,
+            &mut head_out,
+        );
         let at = unit.row * width + unit.kv * span;
         // SAFETY: unit `u` alone writes row `row`, heads of kv head `kv`:
         // `span` floats at `at`, inside `out` (`tokens * width`), which is

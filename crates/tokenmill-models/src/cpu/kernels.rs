@@ -52,8 +52,7 @@ impl StepKernels for CpuKernels {
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-        Ok(x
-            .contiguous()?
+        Ok(x.contiguous()?
             .apply_op2_no_bwd(weight, &ops::RmsNorm { eps })?)
     }
 

@@ -79,7 +79,6 @@ impl RotaryAt {
     }
 }
 
-
 /// Self-attention of one layer over the whole batch: `x` is
 /// `[tokens, hidden]`; the result has the same shape.
 fn attention(

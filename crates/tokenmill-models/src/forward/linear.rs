@@ -40,7 +40,11 @@ impl Linear {
     /// llama.cpp multiplies them), any other type dequantized and requantized
     /// to 8 bits per block of 32 (exact for Q8_0; within 1/254 of a block's
     /// largest magnitude for the 4/5-bit grids).
-    pub(crate) fn new(weights: Vec<QTensor>, biases: Vec<Option<Tensor>>, device: &Device) -> Result<Self> {
+    pub(crate) fn new(
+        weights: Vec<QTensor>,
+        biases: Vec<Option<Tensor>>,
+        device: &Device,
+    ) -> Result<Self> {
         let dims = weights
             .iter()
             .map(|w| w.shape().dims2())
@@ -83,7 +87,11 @@ impl Linear {
     /// biases along the output. On the CPU the weights become f32 (the
     /// reference path: exact products of the stored values); elsewhere they
     /// keep their type.
-    pub(crate) fn dense(weights: Vec<Tensor>, biases: Vec<Option<Tensor>>, device: &Device) -> Result<Self> {
+    pub(crate) fn dense(
+        weights: Vec<Tensor>,
+        biases: Vec<Option<Tensor>>,
+        device: &Device,
+    ) -> Result<Self> {
         let dims = weights
             .iter()
             .map(|w| w.dims2())

@@ -93,12 +93,16 @@ enum StepPath {
     Cpu(CpuKernels),
     /// Our CUDA kernels, decode steps replayed as CUDA graphs when asked.
     #[cfg(feature = "cuda")]
-    Cuda {
-        kernels: crate::cuda::ops::GpuKernels,
-        graphs: Option<crate::cuda::graphs::DecodeGraphs>,
-    },
+    Cuda(Box<CudaPath>),
     /// candle's ops ([`super::candle_ops`]): the second opinion.
     CandleOps,
+}
+
+/// Our CUDA kernels and the decode graphs that replay them.
+#[cfg(feature = "cuda")]
+struct CudaPath {
+    kernels: crate::cuda::ops::GpuKernels,
+    graphs: Option<crate::cuda::graphs::DecodeGraphs>,
 }
 
 impl StepPath {
@@ -113,12 +117,12 @@ impl StepPath {
         }
         #[cfg(feature = "cuda")]
         if let Some(kernels) = crate::cuda::ops::GpuKernels::new(device)? {
-            return Ok(StepPath::Cuda {
+            return Ok(StepPath::Cuda(Box::new(CudaPath {
                 kernels,
                 graphs: options
                     .cuda_graphs
                     .then(crate::cuda::graphs::DecodeGraphs::new),
-            });
+            })));
         }
         Ok(StepPath::CandleOps)
     }
@@ -208,8 +212,8 @@ impl Llama {
         match &self.path {
             StepPath::Cpu(kernels) => self.forward_with(kernels, batch, cache),
             #[cfg(feature = "cuda")]
-            StepPath::Cuda { kernels, graphs } => {
-                self.forward_cuda(kernels, graphs.as_ref(), batch, cache)
+            StepPath::Cuda(cuda) => {
+                self.forward_cuda(&cuda.kernels, cuda.graphs.as_ref(), batch, cache)
             }
             StepPath::CandleOps => super::candle_ops::forward(self, batch, cache),
         }
@@ -310,7 +314,9 @@ impl Llama {
         let mut pending: Option<Tensor> = None;
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = match pending.take() {
-                None => kernels.rms_norm(&residual, &layer.attn_norm.weight, layer.attn_norm.eps)?,
+                None => {
+                    kernels.rms_norm(&residual, &layer.attn_norm.weight, layer.attn_norm.eps)?
+                }
                 Some(x) => {
                     let (sum, normed) = kernels.fused_add_rms_norm(
                         &x,
@@ -348,7 +354,11 @@ impl Llama {
         }
         let norm = &self.final_norm;
         Ok(match pending {
-            Some(x) => kernels.fused_add_rms_norm(&x, &residual, &norm.weight, norm.eps)?.1,
+            Some(x) => {
+                kernels
+                    .fused_add_rms_norm(&x, &residual, &norm.weight, norm.eps)?
+                    .1
+            }
             None => kernels.rms_norm(&residual, &norm.weight, norm.eps)?,
         })
     }
@@ -365,9 +375,9 @@ impl Llama {
     ) -> Result<Vec<crate::SampledRow>> {
         let logits = logits.to_dtype(DType::F32)?.contiguous()?;
         #[cfg(feature = "cuda")]
-        if let StepPath::Cuda { kernels, .. } = &self.path {
+        if let StepPath::Cuda(cuda) = &self.path {
             return tokenmill_kernels::cuda::sampling::sample_tensor(
-                kernels.kernels(),
+                cuda.kernels.kernels(),
                 &logits,
                 params,
             )

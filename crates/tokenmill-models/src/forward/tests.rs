@@ -165,7 +165,9 @@ fn the_options_choose_the_forward() {
     assert_eq!(llama.forward_options(), ForwardOptions::default());
     let mut batch = ForwardBatch::default();
     batch.push(&prompt(5, 0, 64), 5, vec![2], LogitRows::All);
-    let kernels = llama.forward(&batch, &llama.new_kv_cache(16, 4).unwrap()).unwrap();
+    let kernels = llama
+        .forward(&batch, &llama.new_kv_cache(16, 4).unwrap())
+        .unwrap();
     let candle = candle_ops::forward(&llama, &batch, &llama.new_kv_cache(16, 4).unwrap()).unwrap();
     let options = ForwardOptions {
         path: ForwardPath::CandleOps,
@@ -173,7 +175,9 @@ fn the_options_choose_the_forward() {
     };
     llama.set_forward_options(options).unwrap();
     assert_eq!(llama.forward_options(), options);
-    let chosen = llama.forward(&batch, &llama.new_kv_cache(16, 4).unwrap()).unwrap();
+    let chosen = llama
+        .forward(&batch, &llama.new_kv_cache(16, 4).unwrap())
+        .unwrap();
     let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(bits(&chosen), bits(&candle));
     assert!(relative_difference(&kernels, &candle) < 1e-4);

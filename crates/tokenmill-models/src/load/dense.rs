@@ -115,5 +115,4 @@ impl Llama {
         }
         Self::assemble(cfg, embeddings, layers, final_norm, lm_head, device)
     }
-
 }

@@ -5,8 +5,8 @@
 //! Llama 2/3, Qwen2/2.5 and Mistral share one tensor naming and one rotary
 //! layout (pairs `(i, i + d/2)`, "neox"), so one loader serves them all.
 
-use crate::load::config::{Llama3RopeScaling, LlamaConfig};
 use crate::error::{ModelError, Result};
+use crate::load::config::{Llama3RopeScaling, LlamaConfig};
 use crate::load::dense::DenseWeights;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};

@@ -9,8 +9,8 @@
 //! typical spread (standard deviation 0.02; norms around 1), which keeps
 //! activations finite through any depth.
 
-use crate::load::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::load::config::LlamaConfig;
 use crate::load::dense::DenseWeights;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;

@@ -7,8 +7,8 @@
 //! splits text with the model family's regex, and control tokens matched as
 //! whole special tokens wherever they occur in the text.
 
-use crate::load::config::Metadata;
 use crate::error::{ModelError, Result};
+use crate::load::config::Metadata;
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
