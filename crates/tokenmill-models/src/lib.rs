@@ -15,9 +15,9 @@
 //!   cache writes, paged attention, SiLU-and-multiply); a model picks its
 //!   kernels once, when it is built, from its device and the
 //!   [`ForwardOptions`] its caller gives: our CPU ops ([`cpu`]) on the CPU,
-//!   our CUDA kernels ([`cuda`], with the `cuda` feature) on a GPU, or, as
+//!   our CUDA kernels (`cuda`, with the `cuda` feature) on a GPU, or, as
 //!   a second opinion for comparisons, a forward through candle's ops alone;
-//! - [`cpu`] and [`cuda`]: those kernels, per device; the CUDA graphs that
+//! - [`cpu`] and `cuda`: those kernels, per device; the CUDA graphs that
 //!   replay decode steps capture a closure and know nothing of the model;
 //! - [`text`]: tokenizers and chat templates.
 //!

@@ -9,10 +9,10 @@
 //! chunks and single decode tokens mixed): the projections and the MLP run
 //! over all tokens at once; attention reads each sequence's keys and values
 //! through its block table, in place. The layer code is written once
-//! ([`Llama::kernel_layers`]) over the [`StepKernels`] seam; which kernels
-//! run it is chosen when the model is built ([`StepPath`]): our CPU ops on
+//! (`Llama::kernel_layers`) over the `StepKernels` seam; which kernels
+//! run it is chosen when the model is built (`StepPath`): our CPU ops on
 //! the CPU, our CUDA kernels on a GPU. How a weight is stored and multiplied
-//! is a property of its [`Linear`], not of the architecture.
+//! is a property of its `Linear`, not of the architecture.
 //!
 //! On the CPU every step of the forward computes a token's row from that
 //! token's own inputs in a fixed order, so a sequence's logits are bit for

@@ -1,6 +1,6 @@
 //! One architecture, one forward: the Llama-family network ([`Llama`]), its
 //! input ([`batch`]), its paged KV cache ([`kv_cache`]) and the seam its
-//! layer code runs over ([`step_kernels`]), whose implementation a model
+//! layer code runs over (`step_kernels`), whose implementation a model
 //! chooses once, when it is built, from its device and [`ForwardOptions`].
 //!
 //! [`Llama`]: llama::Llama

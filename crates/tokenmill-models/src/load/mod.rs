@@ -1,4 +1,4 @@
-//! Loading a model: its weights from a GGUF file ([`gguf`]), a Hugging Face
+//! Loading a model: its weights from a GGUF file (`gguf`), a Hugging Face
 //! directory ([`hf`], through [`dense`]) or a seeded random draw
 //! ([`random_weights`]); its configuration ([`config`]); the catalog of
 //! known local models ([`catalog`]); and [`LoadedModel`], the network with
