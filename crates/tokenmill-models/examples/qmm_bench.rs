@@ -6,7 +6,7 @@
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use std::time::Instant;
-use tokenmill_models::cpu_gemm::Q8Matrix;
+use tokenmill_models::cpu::gemm::Q8Matrix;
 
 /// Seconds of the fastest of `reps` calls of `f` after one warm-up: the
 /// fastest call is the one least disturbed by whatever else shares the CPU.

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use std::fmt;
 use std::str::FromStr;
+use tokenmill_models::{ForwardOptions, ForwardPath};
 
 /// The `--device` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +81,39 @@ pub fn open(choice: DeviceChoice) -> anyhow::Result<(Device, String)> {
                 }
             }
             Ok((Device::Cpu, "cpu".to_owned()))
+        }
+    }
+}
+
+/// How the forward runs: `--gpu-kernels` and `--cuda-graphs`, shared by
+/// `serve`, `bench engine` and `model logits` (and set by
+/// `TOKENMILL_GPU_KERNELS` / `TOKENMILL_CUDA_GRAPHS`, which the GPU check
+/// script uses for its side-by-side runs).
+#[derive(clap::Args, Clone, Copy, Debug, serde::Serialize)]
+pub struct ForwardArgs {
+    /// On a GPU, run the forward through our CUDA kernels (true) or through
+    /// candle's ops (false, a second opinion for comparisons, without
+    /// graphs). The CPU always runs its own kernels.
+    #[arg(long, env = "TOKENMILL_GPU_KERNELS", default_value_t = true,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub gpu_kernels: bool,
+    /// On a GPU with our kernels, replay decode steps as CUDA graphs.
+    #[arg(long, env = "TOKENMILL_CUDA_GRAPHS", default_value_t = true,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub cuda_graphs: bool,
+}
+
+impl ForwardArgs {
+    /// The model's forward options on `device`.
+    pub fn options(&self, device: &Device) -> ForwardOptions {
+        let path = if device.is_cpu() || self.gpu_kernels {
+            ForwardPath::Kernels
+        } else {
+            ForwardPath::CandleOps
+        };
+        ForwardOptions {
+            path,
+            cuda_graphs: self.cuda_graphs,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! found, the cache sized in blocks). Both commands take the same flags with
 //! the same defaults, and a bad value is refused the same way by each.
 
-use crate::device::{self, DeviceChoice};
+use crate::device::{self, DeviceChoice, ForwardArgs};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
@@ -50,6 +50,9 @@ pub struct EngineArgs {
     /// Most sequences in one forward step.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub forward: ForwardArgs,
 }
 
 /// The engine's flags, checked and resolved.
@@ -70,6 +73,8 @@ pub struct EngineSettings {
     pub num_blocks: usize,
     /// Step limits.
     pub scheduler: SchedulerConfig,
+    /// How the forward runs.
+    pub forward: ForwardArgs,
 }
 
 impl EngineArgs {
@@ -101,6 +106,7 @@ impl EngineArgs {
                 max_batched_tokens: self.max_batched_tokens,
                 max_num_seqs: self.max_num_seqs,
             },
+            forward: self.forward,
         })
     }
 }
@@ -148,6 +154,11 @@ impl EngineSettings {
             }
         };
         bar.finish_and_clear();
+        let mut model = model;
+        model
+            .model
+            .set_forward_options(self.forward.options(device))
+            .context("setting the forward options")?;
         Ok(model)
     }
 

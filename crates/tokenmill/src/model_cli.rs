@@ -5,7 +5,7 @@
 //!   Hugging Face directory, so the same model can be loaded elsewhere;
 //! - `logits` prints the logits tokenmill computes for a token sequence.
 
-use crate::device::{self, DeviceChoice};
+use crate::device::{self, DeviceChoice, ForwardArgs};
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::{Args, Subcommand};
@@ -65,6 +65,8 @@ enum ModelCommand {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
+        #[command(flatten)]
+        forward: ForwardArgs,
     },
 }
 
@@ -85,6 +87,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             last_only,
             decode_from,
             device,
+            forward,
         } => print_logits(
             model.as_deref(),
             random_weights.as_deref(),
@@ -92,7 +95,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
             &tokens,
             last_only,
             decode_from,
-            device,
+            (device, forward),
         ),
     }
 }
@@ -142,10 +145,10 @@ fn print_logits(
     tokens: &[u32],
     last_only: bool,
     decode_from: Option<usize>,
-    choice: DeviceChoice,
+    (choice, forward): (DeviceChoice, ForwardArgs),
 ) -> anyhow::Result<()> {
     let (device, device_name) = device::open(choice)?;
-    let network = match (model, random_weights) {
+    let mut network = match (model, random_weights) {
         (_, Some(config)) => {
             let text = std::fs::read_to_string(config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -165,6 +168,7 @@ fn print_logits(
         (Some(file), None) => LoadedModel::from_gguf_file(file, &device, |_, _| {})?.model,
         (None, None) => bail!("give --model or --random-weights"),
     };
+    network.set_forward_options(forward.options(&device))?;
     let context = network.config().context_length;
     if tokens.len() > context {
         bail!(

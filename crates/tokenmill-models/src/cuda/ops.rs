@@ -9,7 +9,9 @@
 //! storage exclusively while the kernel is queued.
 
 use crate::error::{ModelError, Result};
-use crate::step_kernels::StepKernels;
+use crate::forward::batch::ForwardBatch;
+use crate::forward::kv_cache::PagedKvCache;
+use crate::forward::step_kernels::StepKernels;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
@@ -78,6 +80,11 @@ impl GpuKernels {
         }))
     }
 
+    /// The device.
+    pub(crate) fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
     /// The loaded kernels.
     pub fn kernels(&self) -> &Kernels {
         &self.kernels
@@ -113,6 +120,16 @@ impl GpuKernels {
 
 impl StepKernels for GpuKernels {
     type Meta = DeviceMeta;
+
+    fn step_meta(
+        &self,
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+        shape: &AttentionShape,
+    ) -> Result<DeviceMeta> {
+        let meta = batch.paged_meta(cache.block_size(), cache.num_blocks())?;
+        self.upload_meta(meta, shape)
+    }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         let weight = weight.to_dtype(x.dtype())?;

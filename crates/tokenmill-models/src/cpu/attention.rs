@@ -20,8 +20,8 @@
 //! lanes and adds them in a fixed tree, which the scalar path mirrors), so
 //! both give the same bits.
 
-use crate::batch::SequenceChunk;
-use crate::kv_cache::slot_of;
+use crate::forward::batch::SequenceChunk;
+use crate::forward::kv_cache::slot_of;
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -69,9 +69,30 @@ pub fn paged_attention(
     values: &[f32],
 ) -> Vec<f32> {
     let width = shape.num_heads * shape.head_dim;
+    paged_attention_strided(shape, chunks, q, width, keys, values)
+}
+
+/// [`paged_attention`] with each token's queries at the start of a row of
+/// `q_row_stride` floats of `q` (the fused q|k|v rows of a projection).
+///
+/// # Panics
+/// As [`paged_attention`], or if a row is narrower than the queries.
+pub fn paged_attention_strided(
+    shape: AttentionShape,
+    chunks: &[SequenceChunk],
+    q: &[f32],
+    q_row_stride: usize,
+    keys: &[f32],
+    values: &[f32],
+) -> Vec<f32> {
+    let width = shape.num_heads * shape.head_dim;
     let tokens: usize = chunks.iter().map(|c| c.num_tokens).sum();
     assert!(shape.num_kv_heads > 0 && shape.num_heads.is_multiple_of(shape.num_kv_heads));
-    assert_eq!(q.len(), tokens * width, "queries of {tokens} tokens");
+    assert!(
+        q_row_stride >= width,
+        "rows of {q_row_stride} for {width} queries"
+    );
+    assert_eq!(q.len(), tokens * q_row_stride, "queries of {tokens} tokens");
     assert_eq!(keys.len(), values.len());
     // One unit per (token, kv head): the group of query heads that reads the
     // same cached rows, whose outputs are adjacent in the token's row.
@@ -100,7 +121,14 @@ pub fn paged_attention(
     let run = |u: usize| {
         let unit = &units[u];
         let mut head_out = vec![0f32; span];
-        unit.attend(shape, kernel, q, keys, values, &mut head_out);
+        unit.attend(
+            shape,
+            kernel,
+            &q[unit.row * q_row_stride..][..width],
+            keys,
+            values,
+            &mut head_out,
+        );
         let at = unit.row * width + unit.kv * span;
         // SAFETY: unit `u` alone writes row `row`, heads of kv head `kv`:
         // `span` floats at `at`, inside `out` (`tokens * width`), which is
@@ -110,22 +138,26 @@ pub fn paged_attention(
     if work < PARALLEL_MIN_MACS {
         (0..units.len()).for_each(run);
     } else {
-        crate::cpu_pool::run(units.len(), &run);
+        super::pool::run(units.len(), &run);
     }
     out
 }
 
-/// Rotary position embedding in place: rotates every head of each row of
-/// `rows` (`[tokens, heads * head_dim]`) by its token's position, with the
-/// tables `cos`, `sin` (`[positions, head_dim / 2]`). NeoX style pairs
-/// element `i` with `i + head_dim / 2`; the original Llama style pairs `2i`
-/// with `2i + 1`. The arithmetic is candle's `rope`/`rope_i`, element by
+/// Rotary position embedding in place: rotates the first `num_heads` heads
+/// of each row of `rows` (`[tokens, row_stride]`) by its token's position,
+/// with the tables `cos`, `sin` (`[positions, head_dim / 2]`). NeoX style
+/// pairs element `i` with `i + head_dim / 2`; the original Llama style pairs
+/// `2i` with `2i + 1`. The arithmetic is candle's `rope`/`rope_i`, element by
 /// element.
 ///
 /// # Panics
-/// If a position is outside the tables or `rows` is not whole rows.
+/// If a position is outside the tables, `rows` is not one row of
+/// `row_stride` per position, or the heads do not fit a row.
+#[allow(clippy::too_many_arguments)]
 pub fn rotate(
     rows: &mut [f32],
+    row_stride: usize,
+    num_heads: usize,
     head_dim: usize,
     positions: &[u32],
     cos: &[f32],
@@ -133,12 +165,11 @@ pub fn rotate(
     neox: bool,
 ) {
     let half = head_dim / 2;
-    assert!(!positions.is_empty() && rows.len().is_multiple_of(positions.len() * head_dim));
-    let width = rows.len() / positions.len();
-    for (row, position) in rows.chunks_exact_mut(width).zip(positions) {
+    assert!(num_heads * head_dim <= row_stride && rows.len() == positions.len() * row_stride);
+    for (row, position) in rows.chunks_exact_mut(row_stride).zip(positions) {
         let at = *position as usize * half;
         let (cos, sin) = (&cos[at..at + half], &sin[at..at + half]);
-        for head in row.chunks_exact_mut(head_dim) {
+        for head in row[..num_heads * head_dim].chunks_exact_mut(head_dim) {
             for i in 0..half {
                 let (a, b) = if neox {
                     (i, i + half)
@@ -156,7 +187,7 @@ pub fn rotate(
 /// The output pointer shared by the units of one call.
 struct SharedOut(*mut f32);
 // SAFETY: units write disjoint regions through it (see `paged_attention`),
-// and `cpu_pool::run` returns only after every unit has finished.
+// and `pool::run` returns only after every unit has finished.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
@@ -177,7 +208,8 @@ struct Unit<'a> {
 }
 
 impl Unit<'_> {
-    /// Writes the group's `group * head_dim` outputs into `out`.
+    /// Writes the group's `group * head_dim` outputs into `out`, reading the
+    /// queries from `q`, the token's row.
     fn attend(
         &self,
         shape: AttentionShape,
@@ -188,8 +220,7 @@ impl Unit<'_> {
         out: &mut [f32],
     ) {
         let (d, group, ctx) = (shape.head_dim, shape.group(), self.context);
-        let width = shape.num_heads * d;
-        let queries = &q[self.row * width + self.kv * group * d..][..group * d];
+        let queries = &q[self.kv * group * d..][..group * d];
         // Where this kv head's row of each position starts, in both caches.
         let rows: Vec<usize> = (0..ctx)
             .map(|p| {
@@ -417,7 +448,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::LogitRows;
+    use crate::forward::batch::LogitRows;
 
     /// The textbook definition in f64, over a gathered contiguous context.
     fn reference(shape: AttentionShape, q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>]) -> Vec<f64> {

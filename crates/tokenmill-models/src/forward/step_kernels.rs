@@ -1,13 +1,17 @@
-//! The steps of the kernel forward ([`crate::Llama`]'s `kernel_layers`)
-//! behind one trait: on a GPU they are our CUDA kernels
-//! ([`crate::cuda_ops::GpuKernels`]); in the tests they are the kernels'
-//! CPU references ([`reference::ReferenceKernels`]), so CI runs the GPU
-//! forward's own layer code (the fused qkv offsets, rotary in place, cache
-//! writes through the slot mapping, paged attention, the residual carried
-//! into the next norm, a CUDA graph's padded decode step) on the CPU and
-//! checks it against the plain CPU forward.
+//! The steps of the forward's layer code ([`crate::Llama`]'s
+//! `kernel_layers`) behind one trait, whose implementation is chosen once
+//! per model, by its device: our CPU ops on the CPU
+//! ([`crate::cpu::kernels::CpuKernels`]), our CUDA kernels on a GPU
+//! (`crate::cuda::ops::GpuKernels`). In the tests the kernels' CPU
+//! references ([`reference::ReferenceKernels`]) stand in for the CUDA
+//! kernels, so CI runs the GPU's layer code as the GPU runs it (the fused
+//! qkv offsets, rotary in place, cache writes through the slot mapping,
+//! paged attention with the GPU's decode split, the residual carried into
+//! the next norm, a CUDA graph's padded decode step) on the CPU.
 
 use crate::error::Result;
+use crate::forward::batch::ForwardBatch;
+use crate::forward::kv_cache::PagedKvCache;
 use candle_core::Tensor;
 use tokenmill_kernels::reference::attention::AttentionShape;
 use tokenmill_kernels::reference::rotary::RotaryStyle;
@@ -17,6 +21,15 @@ pub(crate) trait StepKernels {
     /// The step's metadata (block tables, positions, slots) where the
     /// kernels read it.
     type Meta;
+
+    /// The metadata of a validated `batch` over `cache`, where the kernels
+    /// read it.
+    fn step_meta(
+        &self,
+        batch: &ForwardBatch,
+        cache: &PagedKvCache,
+        shape: &AttentionShape,
+    ) -> Result<Self::Meta>;
 
     /// `rms_norm(x) * weight` over the last dimension.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor>;
@@ -74,6 +87,8 @@ pub(crate) mod reference {
 
     use super::StepKernels;
     use crate::error::{ModelError, Result};
+    use crate::forward::batch::ForwardBatch;
+    use crate::forward::kv_cache::PagedKvCache;
     use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor};
     use tokenmill_kernels::geometry;
     use tokenmill_kernels::paged::PagedMeta;
@@ -121,6 +136,18 @@ pub(crate) mod reference {
 
     impl StepKernels for ReferenceKernels {
         type Meta = ReferenceMeta;
+
+        fn step_meta(
+            &self,
+            batch: &ForwardBatch,
+            cache: &PagedKvCache,
+            _: &AttentionShape,
+        ) -> Result<ReferenceMeta> {
+            Ok(ReferenceMeta {
+                meta: batch.paged_meta(cache.block_size(), cache.num_blocks())?,
+                context_capacity: None,
+            })
+        }
 
         fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
             rows(norm::rms_norm(&floats(x)?, &floats(weight)?, eps), x)

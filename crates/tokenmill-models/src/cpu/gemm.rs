@@ -180,7 +180,7 @@ impl Q8Matrix {
         if x.len().saturating_mul(self.n) < PARALLEL_MIN_MACS {
             (0..units).for_each(run);
         } else {
-            crate::cpu_pool::run(units, &run);
+            crate::cpu::pool::run(units, &run);
         }
         Ok(out)
     }
@@ -260,7 +260,7 @@ fn f16_to_f32(bits: u16) -> f32 {
 /// The output pointer shared by the units of one call.
 struct SharedOut(*mut f32);
 // SAFETY: units write disjoint regions through it (see `Q8Matrix::tile`), and
-// `cpu_pool::run` returns only after every unit has finished.
+// `pool::run` returns only after every unit has finished.
 unsafe impl Sync for SharedOut {}
 
 /// Quantizes one block (up to 32 values; the rest are taken as zeros) into

@@ -5,9 +5,9 @@
 //! Llama 2/3, Qwen2/2.5 and Mistral share one tensor naming and one rotary
 //! layout (pairs `(i, i + d/2)`, "neox"), so one loader serves them all.
 
-use crate::config::{Llama3RopeScaling, LlamaConfig};
 use crate::error::{ModelError, Result};
-use crate::llama::DenseWeights;
+use crate::load::config::{Llama3RopeScaling, LlamaConfig};
+use crate::load::dense::DenseWeights;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 use serde::Deserialize;

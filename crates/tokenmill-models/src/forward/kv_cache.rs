@@ -4,11 +4,13 @@
 //! A token at position `p` of a sequence lives in slot
 //! `block_table[p / block_size] * block_size + p % block_size`. Which blocks a
 //! sequence owns is the engine's business (its block pool); this module only
-//! stores and gathers.
+//! stores them. The forward's kernels write and read a layer's tensors
+//! ([`PagedKvCache::layer`]) in place; [`PagedKvCache::write`] and
+//! [`PagedKvCache::gather`] serve the candle-ops forward.
 
-use crate::batch::SequenceChunk;
-use crate::error::{ModelError, Result};
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
+use super::batch::SequenceChunk;
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor};
 
 /// Keys and values of all layers, `[num_blocks * block_size, kv_width]` each.
 pub struct PagedKvCache {
@@ -93,105 +95,6 @@ impl PagedKvCache {
     }
 }
 
-/// On the CPU: one in-place write per layer for a whole batch, and reads
-/// straight from the cache's memory, for [`crate::cpu_attention`].
-impl PagedKvCache {
-    /// Writes the new keys and values of every chunk (`[tokens, kv_width]`
-    /// each, the chunks' tokens one after another) into their slots of
-    /// `layer`.
-    pub(crate) fn write_batch_cpu(
-        &self,
-        layer: usize,
-        chunks: &[SequenceChunk],
-        keys: &[f32],
-        values: &[f32],
-    ) -> Result<()> {
-        let slots: Vec<usize> = chunks
-            .iter()
-            .flat_map(|c| {
-                (c.start_position()..c.context_len)
-                    .map(|p| slot_of(&c.block_table, self.block_size, p))
-            })
-            .collect();
-        self.keys[layer].inplace_op1(&WriteRows {
-            slots: &slots,
-            rows: keys,
-        })?;
-        self.values[layer].inplace_op1(&WriteRows {
-            slots: &slots,
-            rows: values,
-        })?;
-        Ok(())
-    }
-
-    /// Calls `f` with the keys and values of `layer`, `[slots, kv_width]`
-    /// each, as they lie in CPU memory.
-    pub(crate) fn read_cpu<R>(
-        &self,
-        layer: usize,
-        f: impl FnOnce(&[f32], &[f32]) -> R,
-    ) -> Result<R> {
-        let (keys, keys_layout) = self.keys[layer].storage_and_layout();
-        let (values, values_layout) = self.values[layer].storage_and_layout();
-        match (&*keys, &*values) {
-            (Storage::Cpu(k), Storage::Cpu(v)) => Ok(f(
-                contiguous(k.as_slice::<f32>()?, keys_layout)?,
-                contiguous(v.as_slice::<f32>()?, values_layout)?,
-            )),
-            _ => Err(ModelError::Unsupported(
-                "CPU attention over a cache on another device".into(),
-            )),
-        }
-    }
-}
-
-/// The elements of a contiguous layout.
-fn contiguous<'a>(data: &'a [f32], layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("the KV cache is not contiguous"),
-    }
-}
-
-/// Copies row `i` of `rows` to row `slots[i]` of the tensor it is applied to.
-struct WriteRows<'a> {
-    slots: &'a [usize],
-    rows: &'a [f32],
-}
-
-impl InplaceOp1 for WriteRows<'_> {
-    fn name(&self) -> &'static str {
-        "kv-write-rows"
-    }
-
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("the KV cache holds f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the KV cache is not contiguous");
-        };
-        let Some(&width) = layout.dims().last().filter(|w| **w > 0) else {
-            candle_core::bail!("the KV cache has no rows to write");
-        };
-        let cache = &mut data[start..end];
-        if self.rows.len() != self.slots.len() * width {
-            candle_core::bail!(
-                "{} values for {} rows of {width}",
-                self.rows.len(),
-                self.slots.len()
-            );
-        }
-        for (row, slot) in self.rows.chunks_exact(width).zip(self.slots) {
-            match cache.get_mut(slot * width..(slot + 1) * width) {
-                Some(dst) => dst.copy_from_slice(row),
-                None => candle_core::bail!("slot {slot} outside the KV cache"),
-            }
-        }
-        Ok(())
-    }
-}
-
 /// The slot of position `position` of a sequence.
 pub fn slot_of(block_table: &[u32], block_size: usize, position: usize) -> usize {
     block_table[position / block_size] as usize * block_size + position % block_size
@@ -213,7 +116,7 @@ pub fn slot_runs(chunk: &SequenceChunk, block_size: usize) -> Vec<(usize, usize)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::LogitRows;
+    use crate::forward::batch::LogitRows;
 
     fn chunk(num_tokens: usize, context_len: usize, block_table: Vec<u32>) -> SequenceChunk {
         SequenceChunk {

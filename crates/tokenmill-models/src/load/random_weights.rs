@@ -1,4 +1,4 @@
-//! Seeded random weights for any architecture [`crate::hf`] reads, so speed
+//! Seeded random weights for any architecture [`crate::load::hf`] reads, so speed
 //! work can run a real model's shapes (Llama-3-8B, say) where its weights are
 //! not available: the time of a forward does not depend on the values.
 //!
@@ -9,9 +9,9 @@
 //! typical spread (standard deviation 0.02; norms around 1), which keeps
 //! activations finite through any depth.
 
-use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
-use crate::llama::DenseWeights;
+use crate::load::config::LlamaConfig;
+use crate::load::dense::DenseWeights;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 
@@ -137,7 +137,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> LlamaConfig {
-        crate::hf::config_from_json(
+        crate::load::hf::config_from_json(
             r#"{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "vocab_size": 100,

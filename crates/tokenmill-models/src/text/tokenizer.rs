@@ -7,8 +7,8 @@
 //! splits text with the model family's regex, and control tokens matched as
 //! whole special tokens wherever they occur in the text.
 
-use crate::config::Metadata;
 use crate::error::{ModelError, Result};
+use crate::load::config::Metadata;
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -133,7 +133,7 @@ impl ModelTokenizer {
         let path = dir.join("tokenizer.json");
         let inner = Tokenizer::from_file(&path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let config = crate::hf::TokenizerConfig::read(dir)?;
+        let config = crate::load::hf::TokenizerConfig::read(dir)?;
         let named = |text: Option<&String>| -> Option<(u32, String)> {
             let text = text?;
             Some((inner.token_to_id(text)?, text.clone()))
@@ -152,7 +152,7 @@ impl ModelTokenizer {
             (None, None) => false,
         };
         let mut end_of_generation: Vec<u32> = eos_token.iter().map(|(id, _)| *id).collect();
-        end_of_generation.extend(crate::hf::generation_eos_ids(dir)?);
+        end_of_generation.extend(crate::load::hf::generation_eos_ids(dir)?);
         for (id, added) in inner.get_added_tokens_decoder() {
             if added.special && END_OF_GENERATION_TEXTS.contains(&added.content.as_str()) {
                 end_of_generation.push(id);

@@ -1,5 +1,5 @@
 //! The architecture hyper-parameters of a Llama-family model, read from GGUF
-//! metadata (here) or from a Hugging Face `config.json` ([`crate::hf`]).
+//! metadata (here) or from a Hugging Face `config.json` ([`crate::load::hf`]).
 
 use crate::error::{ModelError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};

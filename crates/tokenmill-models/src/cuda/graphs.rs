@@ -14,11 +14,13 @@
 //! every kernel and fills candle's cache of small parameter uploads). If
 //! capture fails for any reason, the model logs it once and decodes
 //! without graphs from then on: graphs only ever save time.
+//!
+//! The module knows nothing of the model: it captures and replays the
+//! step's body, a closure from the step's tokens and metadata (device
+//! buffers) to its logits.
 
-use crate::cuda_ops::GpuKernels;
+use super::ops::GpuKernels;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::PagedKvCache;
-use crate::llama::Llama;
 use candle_core::cuda_backend::cudarc::driver::sys::{
     CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
@@ -56,6 +58,23 @@ struct State {
     replays: u64,
 }
 
+/// A decode step as the graphs see it.
+pub(crate) struct DecodeStep<'a> {
+    /// One token per sequence.
+    pub(crate) tokens: &'a [u32],
+    /// The step's metadata (`is_decode_only()`).
+    pub(crate) meta: &'a PagedMeta,
+    /// The attention's heads and widths.
+    pub(crate) shape: &'a AttentionShape,
+    /// The positions the model holds: the widest block table a graph needs.
+    pub(crate) context_length: usize,
+}
+
+/// The forward of a decode step, from its tokens and metadata on the device
+/// to the logits of every token, with everything on the stream (no host
+/// copies, no synchronisation): what a graph captures.
+pub(crate) type DecodeBody<'a> = dyn Fn(&Tensor, &DeviceMeta) -> Result<Tensor> + 'a;
+
 /// The decode graphs of one model.
 pub(crate) struct DecodeGraphs {
     state: Mutex<State>,
@@ -68,19 +87,22 @@ impl DecodeGraphs {
         }
     }
 
-    /// Runs a decode step (`meta.is_decode_only()`, one token per sequence)
-    /// as a graph: `Some(logits)` (`[sequences, vocab]`, valid until the
-    /// next step), or `None` when the step has no graph (too many
-    /// sequences, or graphs failed) and must run eagerly.
+    /// Runs a decode step as a graph of `body`: `Some(logits)`
+    /// (`[sequences, vocab]`, valid until the next step), or `None` when
+    /// the step has no graph (too many sequences, or graphs failed) and
+    /// must run eagerly.
     pub(crate) fn run(
         &self,
-        model: &Llama,
         gpu: &GpuKernels,
-        tokens: &[u32],
-        meta: &PagedMeta,
-        shape: &AttentionShape,
-        cache: &PagedKvCache,
+        step: &DecodeStep<'_>,
+        body: &DecodeBody<'_>,
     ) -> Result<Option<Tensor>> {
+        let DecodeStep {
+            tokens,
+            meta,
+            shape,
+            context_length,
+        } = *step;
         let mut guard = self
             .state
             .lock()
@@ -92,7 +114,6 @@ impl DecodeGraphs {
         let Some(batch) = graph_batch_size(meta.num_seqs()) else {
             return Ok(None);
         };
-        let context_length = model.config().context_length;
         let class = graph_context_class(meta.max_context, context_length);
         let table_width = context_length.div_ceil(meta.block_size);
         // A step whose tables do not fit the graph's runs eagerly.
@@ -104,15 +125,7 @@ impl DecodeGraphs {
         let key = (batch, class);
         if let Entry::Vacant(slot) = state.graphs.entry(key) {
             let started = std::time::Instant::now();
-            match capture(
-                model,
-                gpu,
-                &padded_tokens,
-                padded.clone(),
-                shape,
-                class,
-                cache,
-            ) {
+            match capture(gpu, &padded_tokens, padded.clone(), shape, class, body) {
                 Ok(graph) => {
                     tracing::info!(
                         batch,
@@ -150,27 +163,22 @@ impl DecodeGraphs {
 
 /// Captures the decode step of `tokens` over `meta` (already padded).
 fn capture(
-    model: &Llama,
     gpu: &GpuKernels,
     tokens: &[u32],
     meta: PagedMeta,
     shape: &AttentionShape,
     context_class: usize,
-    cache: &PagedKvCache,
+    body: &DecodeBody<'_>,
 ) -> Result<DecodeGraph> {
-    let Device::Cuda(cuda) = model.device() else {
-        return Err(ModelError::Unsupported(
-            "CUDA graphs off a CUDA device".into(),
-        ));
-    };
-    let tokens = Tensor::new(tokens, model.device())?;
+    let cuda = gpu.device();
+    let tokens = Tensor::new(tokens, &Device::Cuda(cuda.clone()))?;
     let meta = gpu
         .upload_meta(meta, shape)?
         .with_context_capacity(context_class);
     // While capturing, candle serves its small parameter uploads from this
     // cache, which the eager run fills.
     let _uploads = cuda.enable_cuda_graph_htod_cache();
-    let eager = model.decode_body(gpu, &tokens, &meta, cache)?;
+    let eager = body(&tokens, &meta)?;
     // The graph's output buffer, allocated outside the graph.
     let logits = eager.copy()?;
     drop(eager);
@@ -180,13 +188,11 @@ fn capture(
         .map_err(|e| ModelError::Unsupported(format!("beginning a capture: {e}")))?;
     // Everything allocated in the body is freed in it, so the graph owns no
     // memory between replays but its own allocation nodes.
-    let body = model
-        .decode_body(gpu, &tokens, &meta, cache)
-        .and_then(|out| Ok(logits.slice_set(&out, 0, 0)?));
+    let captured = body(&tokens, &meta).and_then(|out| Ok(logits.slice_set(&out, 0, 0)?));
     // End the capture whatever happened, so the stream works again.
     let ended = stream
         .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-    body?;
+    captured?;
     let graph = ended
         .map_err(|e| ModelError::Unsupported(format!("instantiating a graph: {e}")))?
         .ok_or_else(|| ModelError::Unsupported("the capture recorded nothing".into()))?;

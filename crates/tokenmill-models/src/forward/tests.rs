@@ -1,19 +1,27 @@
-//! The kernel forward (the layer code a GPU runs) on the CPU, through the
-//! kernels' references, against the plain CPU forward: prompts in one chunk
-//! and in two, a mixed step (one sequence decoding while another prefills
-//! over its cached blocks), then decode steps, both as they are and padded
-//! as a CUDA graph replays them (8 rows, tables as wide as the context, the
-//! decode split planned for the context class).
+//! The one layer code, through our CPU kernels (the production forward)
+//! and through the CUDA kernels' CPU references (the layer code a GPU
+//! runs), against an independent second opinion: the forward through
+//! candle's ops alone ([`super::candle_ops`]), which shares only the
+//! weights' products with them. Prompts in one chunk and in two, a mixed
+//! step (one sequence decoding while another prefills over its cached
+//! blocks), then decode steps, both as they are and, through the
+//! references, padded as a CUDA graph replays them (8 rows, tables as wide
+//! as the context, the decode split planned for the context class).
 //!
 //! On tiny Llama, Llama 3, Qwen2 and Mistral models with random f32 weights
 //! the logits must agree to 1e-4 of the largest. On the real SmolLM2 (Q4_1,
 //! whose CPU matmul rounds activations to 8 bits, so that a last-bit
 //! difference in a norm can move a rounding step) the greedy tokens must
-//! agree wherever the CPU's top two logits are 0.5 or more apart.
+//! agree wherever candle's top two logits are 0.5 or more apart.
 
-use super::*;
-use crate::step_kernels::reference::{ReferenceKernels, ReferenceMeta};
+use super::batch::{ForwardBatch, LogitRows};
+use super::kv_cache::PagedKvCache;
+use super::llama::{argmax, Llama};
+use super::step_kernels::reference::{ReferenceKernels, ReferenceMeta};
+use super::{candle_ops, ForwardOptions, ForwardPath};
+use crate::error::{ModelError, Result};
 use crate::{catalog, LoadedModel};
+use candle_core::{DType, Device, Tensor};
 use std::sync::OnceLock;
 use tokenmill_kernels::geometry::graph_context_class;
 
@@ -44,14 +52,7 @@ impl Llama {
             cache.num_blocks(),
             self.cfg.context_length,
         )?;
-        let meta = ReferenceMeta {
-            meta: batch.paged_meta(cache.block_size(), cache.num_blocks())?,
-            context_capacity: None,
-        };
-        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let normed = self.kernel_layers(&ReferenceKernels, &tokens, &meta, cache)?;
-        let rows = self.logit_rows(&normed, batch)?;
-        self.lm_head.forward(&rows)
+        self.forward_with(&ReferenceKernels, batch, cache)
     }
 
     /// A decode step as a CUDA graph of `graph_batch` rows replays it (see
@@ -70,7 +71,7 @@ impl Llama {
             .map_err(|e| ModelError::InvalidBatch(e.to_string()))?;
         let mut tokens = batch.tokens.clone();
         tokens.resize(graph_batch, 0);
-        let tokens = Tensor::new(tokens.as_slice(), &self.device)?;
+        let tokens = Tensor::new(tokens.as_slice(), self.device())?;
         let meta = ReferenceMeta {
             meta: padded,
             context_capacity: Some(class),
@@ -136,32 +137,69 @@ fn prompt(len: usize, salt: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// A tiny model of `arch` (tests/data) with seeded random f32 weights.
+fn tiny(arch: &str) -> Llama {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(format!("tiny-{arch}"));
+    let cfg = crate::load::hf::read_config(&dir).unwrap();
+    let mut weights = crate::load::random_weights::RandomWeights::new(&cfg, 7, DType::F32);
+    Llama::from_dense(cfg, &mut weights, &Device::Cpu, |_, _| {}).unwrap()
+}
+
 #[test]
-fn the_kernel_forward_gives_the_cpu_forward_logits_on_random_models() {
+fn the_kernel_forward_gives_candles_logits_on_random_models() {
     for arch in ["llama", "llama3", "qwen2", "mistral"] {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data")
-            .join(format!("tiny-{arch}"));
-        let cfg = crate::hf::read_config(&dir).unwrap();
-        let mut weights = crate::random_weights::RandomWeights::new(&cfg, 7, DType::F32);
-        let llama = Llama::from_dense(cfg, &mut weights, &Device::Cpu, |_, _| {}).unwrap();
-        compare_forwards(&llama, Agreement::Relative(1e-4));
+        compare_forwards(&tiny(arch), Agreement::Relative(1e-4));
     }
 }
 
 #[test]
-fn the_kernel_forward_gives_the_cpu_forward_tokens_on_smollm2() {
+fn the_kernel_forward_gives_candles_tokens_on_smollm2() {
     compare_forwards(&smollm2().model, Agreement::Greedy(0.5));
+}
+
+#[test]
+fn the_options_choose_the_forward() {
+    let mut llama = tiny("qwen2");
+    assert_eq!(llama.forward_options(), ForwardOptions::default());
+    let mut batch = ForwardBatch::default();
+    batch.push(&prompt(5, 0, 64), 5, vec![2], LogitRows::All);
+    let kernels = llama
+        .forward(&batch, &llama.new_kv_cache(16, 4).unwrap())
+        .unwrap();
+    let candle = candle_ops::forward(&llama, &batch, &llama.new_kv_cache(16, 4).unwrap()).unwrap();
+    let options = ForwardOptions {
+        path: ForwardPath::CandleOps,
+        cuda_graphs: false,
+    };
+    llama.set_forward_options(options).unwrap();
+    assert_eq!(llama.forward_options(), options);
+    let chosen = llama
+        .forward(&batch, &llama.new_kv_cache(16, 4).unwrap())
+        .unwrap();
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(bits(&chosen), bits(&candle));
+    assert!(relative_difference(&kernels, &candle) < 1e-4);
 }
 
 fn compare_forwards(llama: &Llama, agreement: Agreement) {
     let vocab = llama.config().vocab_size;
-    let caches: Vec<PagedKvCache> = (0..3)
+    let caches: Vec<PagedKvCache> = (0..4)
         .map(|_| llama.new_kv_cache(16, 12).unwrap())
         .collect();
-    let (cpu, kernels, graph) = (&caches[0], &caches[1], &caches[2]);
+    let (candle, cpu, references, graph) = (&caches[0], &caches[1], &caches[2], &caches[3]);
     let tables = [vec![5u32, 0, 3], vec![1, 4, 2]];
     let (first, second) = (prompt(21, 0, vocab), prompt(16, 1, vocab));
+    // Each forward against candle's.
+    let check = |batch: &ForwardBatch, what: &str| -> Tensor {
+        let want = candle_ops::forward(llama, batch, candle).unwrap();
+        let got = llama.forward(batch, cpu).unwrap();
+        assert_agree(&got, &want, agreement, &format!("CPU kernels, {what}"));
+        let got = llama.forward_through_references(batch, references).unwrap();
+        assert_agree(&got, &want, agreement, &format!("references, {what}"));
+        want
+    };
 
     // 1: the first prompt whole, the first 9 tokens of the second.
     let mut batch = ForwardBatch::default();
@@ -177,16 +215,14 @@ fn compare_forwards(llama: &Llama, agreement: Agreement) {
 
     let mut last = Vec::new();
     for (step, batch) in steps.iter().enumerate() {
-        let want = llama.forward(batch, cpu).unwrap();
-        let got = llama.forward_through_references(batch, kernels).unwrap();
+        let want = check(batch, &format!("step {step}"));
         llama.forward_through_references(batch, graph).unwrap();
-        assert_agree(&got, &want, agreement, &format!("step {step}"));
         last = (0..2)
             .map(|r| argmax(&want.get(want.dim(0).unwrap() - 2 + r).unwrap()).unwrap())
             .collect();
     }
 
-    // Decode steps, greedy on the CPU forward's logits.
+    // Decode steps, greedy on candle's logits.
     let mut contexts = [22usize, 16];
     for step in 0..4 {
         let mut batch = ForwardBatch::default();
@@ -194,9 +230,7 @@ fn compare_forwards(llama: &Llama, agreement: Agreement) {
             contexts[s] += 1;
             batch.push(&[last[s]], contexts[s], tables[s].clone(), LogitRows::Last);
         }
-        let want = llama.forward(&batch, cpu).unwrap();
-        let got = llama.forward_through_references(&batch, kernels).unwrap();
-        assert_agree(&got, &want, agreement, &format!("decode step {step}"));
+        let want = check(&batch, &format!("decode step {step}"));
         let padded = llama
             .decode_as_graph_through_references(&batch, graph, 8)
             .unwrap();

@@ -3,7 +3,7 @@
 //!
 //! Why not candle's own: for large tensors (a batch of 64 decode tokens, a
 //! prompt) they hand the work to rayon or candle's barrier pool, whose
-//! threads then spin beside [`crate::cpu_pool`]'s between calls; on two
+//! threads then spin beside [`crate::cpu::pool`]'s between calls; on two
 //! cores three busy threads made a step several times slower. These passes
 //! are memory-bound and take microseconds, so they run on the calling
 //! thread. Each output row is computed from its own input row only, in a
