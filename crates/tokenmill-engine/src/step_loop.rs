@@ -151,7 +151,20 @@ impl StepLoop {
     /// its CPU reference here).
     fn forward_and_sample(&self, plan: &SchedulerOutput) -> Result<Vec<SampledRow>, ModelError> {
         let logits = self.model.forward(&plan.batch, &self.cache)?;
-        let rows = self.model.sample(&logits, &plan.sampling)?;
+        let rows = if self.outputs.wants_logprobs() {
+            self.model.sample(&logits, &plan.sampling)?
+        } else {
+            // The same tokens; no logprob is read for any of them.
+            self.model
+                .sample_tokens(&logits, &plan.sampling)?
+                .into_iter()
+                .map(|token| SampledRow {
+                    token,
+                    logprob: f32::NAN,
+                    top: Vec::new(),
+                })
+                .collect()
+        };
         if rows.len() != plan.sampling.len() {
             return Err(ModelError::InvalidBatch(format!(
                 "the sampler drew {} tokens for {} rows",

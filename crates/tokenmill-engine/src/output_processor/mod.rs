@@ -53,6 +53,12 @@ impl OutputProcessor {
         self.requests.insert(key, output);
     }
 
+    /// Whether any open request asked for logprobs (if none did, the step
+    /// draws tokens only).
+    pub fn wants_logprobs(&self) -> bool {
+        self.requests.values().any(RequestOutput::wants_logprobs)
+    }
+
     /// Requests still open.
     pub fn len(&self) -> usize {
         self.requests.len()

@@ -71,6 +71,11 @@ impl RequestOutput {
         }
     }
 
+    /// Whether the request asked for logprobs.
+    pub(crate) fn wants_logprobs(&self) -> bool {
+        self.request.logprobs.is_some()
+    }
+
     /// Whether the client is gone.
     pub(crate) fn is_cancelled(&self) -> bool {
         self.sink.as_ref().is_none_or(|s| s.is_closed())

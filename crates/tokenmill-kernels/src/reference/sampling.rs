@@ -283,6 +283,44 @@ pub fn sample_rows(
         .collect())
 }
 
+/// The token each row of `logits` draws, as [`sample_rows`] draws it (the
+/// same token to the bit), without the log-softmax normaliser and the
+/// alternatives that only logprobs need: for a batch where no request asked
+/// for logprobs, the normaliser's pass of exponentials over the vocabulary
+/// is most of the sampler's time on a CPU.
+pub fn sample_tokens(
+    logits: &[f32],
+    vocab: usize,
+    params: &[SamplingParamsRow],
+) -> Result<Vec<u32>> {
+    validate(logits.len(), vocab, params)?;
+    let geometry = sampling_geometry(params.len(), vocab)?;
+    let block = Block {
+        threads: geometry.threads as usize,
+    };
+    Ok(logits
+        .chunks_exact(vocab)
+        .zip(params)
+        .map(|(row, p)| choose(&Prepared::new(row), p, &block).map_or(NO_TOKEN, |(_, i)| i))
+        .collect())
+}
+
+/// Step 3 of a row: the token, greedy or drawn, with its key.
+fn choose(prepared: &Prepared<'_>, p: &SamplingParamsRow, block: &Block) -> Option<(f32, u32)> {
+    let vocab = prepared.row.len();
+    // (validate refused a NaN temperature)
+    if p.temperature <= 0.0 {
+        argmax(vocab, |i| Some(prepared.logit(i)))
+    } else {
+        let cut = prepared.cut(p, block);
+        let key = row_key(p.seed, p.step);
+        argmax(vocab, |i| {
+            let z = prepared.scaled(i, p.temperature);
+            (order_key(z) >= cut).then(|| z + gumbel_at(key, i as u32))
+        })
+    }
+}
+
 fn sample_row(row: &[f32], p: &SamplingParamsRow, block: &Block) -> SampledRow {
     let vocab = row.len();
     // 1. The largest logit (and the uniform case).
@@ -293,17 +331,7 @@ fn sample_row(row: &[f32], p: &SamplingParamsRow, block: &Block) -> SampledRow {
     let log_norm = portable_ln(block.sum(vocab, |i| portable_exp(logit(i) - m)));
 
     // 3. The token.
-    // (validate refused a NaN temperature)
-    let chosen = if p.temperature <= 0.0 {
-        argmax(vocab, |i| Some(logit(i)))
-    } else {
-        let cut = prepared.cut(p, block);
-        let key = row_key(p.seed, p.step);
-        argmax(vocab, |i| {
-            let z = prepared.scaled(i, p.temperature);
-            (order_key(z) >= cut).then(|| z + gumbel_at(key, i as u32))
-        })
-    };
+    let chosen = choose(&prepared, p, block);
     // Never None (the row's max is always kept); the kernel writes the same.
     let (token, logprob) = match chosen {
         Some((_, i)) => (i, (logit(i as usize) - m) - log_norm),
@@ -372,26 +400,28 @@ impl<'a> Prepared<'a> {
     /// dropped), for a row that samples (`temperature > 0`).
     fn cut(&self, p: &SamplingParamsRow, block: &Block) -> u32 {
         let vocab = self.row.len();
-        let key_of = |i: usize| order_key(self.scaled(i, p.temperature));
+        if !(p.top_k > 0 && (p.top_k as usize) < vocab) && p.top_p >= 1.0 {
+            return 0;
+        }
+        // Every bisection step reads each token's key (and for top-p its
+        // exp) again: computed once here, the same values the kernel
+        // computes at each step, so the sums keep their bits.
+        let keys: Vec<u32> = (0..vocab)
+            .map(|i| order_key(self.scaled(i, p.temperature)))
+            .collect();
         let mut cut = 0u32;
         if p.top_k > 0 && (p.top_k as usize) < vocab {
             // The k-th largest z: the largest key that at least k keys reach.
             cut = bisect(0, KEY_OF_ZERO, |key| {
-                (0..vocab).filter(|&i| key_of(i) >= key).count() >= p.top_k as usize
+                keys.iter().filter(|&&k| k >= key).count() >= p.top_k as usize
             });
         }
         if p.top_p < 1.0 {
+            let exps: Vec<f32> = (0..vocab)
+                .map(|i| portable_exp(self.scaled(i, p.temperature)))
+                .collect();
             // The mass of the kept tokens at or above `key`.
-            let mass = |key: u32| {
-                block.sum(vocab, |i| {
-                    let z = self.scaled(i, p.temperature);
-                    if order_key(z) >= key {
-                        portable_exp(z)
-                    } else {
-                        0.0
-                    }
-                })
-            };
+            let mass = |key: u32| block.sum(vocab, |i| if keys[i] >= key { exps[i] } else { 0.0 });
             let target = p.top_p * mass(cut);
             // The highest threshold whose nucleus still holds top_p of it.
             cut = bisect(cut, KEY_OF_ZERO, |key| mass(key) >= target);
@@ -411,10 +441,13 @@ impl Block {
     /// butterfly (lane l adds lane `l ^ off` for off = 16, 8, 4, 2, 1); the
     /// warps' sums are added in warp order.
     fn sum(&self, n: usize, term: impl Fn(usize) -> f32) -> f32 {
+        // Round by round over contiguous chunks: thread t's partial still
+        // adds t, t + threads, ... in that order, so the bits are the
+        // kernel's, and the loop reads memory in order.
         let mut partial = vec![0f32; self.threads];
-        for (t, acc) in partial.iter_mut().enumerate() {
-            for i in (t..n).step_by(self.threads) {
-                *acc += term(i);
+        for start in (0..n).step_by(self.threads) {
+            for (t, acc) in partial.iter_mut().enumerate().take(n - start) {
+                *acc += term(start + t);
             }
         }
         partial

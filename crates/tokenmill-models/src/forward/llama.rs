@@ -389,6 +389,30 @@ impl Llama {
             .map_err(|e| ModelError::InvalidBatch(format!("sampling: {e}")))
     }
 
+    /// The tokens [`Llama::sample`] would draw, without their logprobs (for
+    /// a batch where nobody asked for them): on the CPU this skips the
+    /// normaliser's pass over the vocabulary; on a GPU the kernel runs
+    /// whole and only the tokens are read.
+    pub fn sample_tokens(
+        &self,
+        logits: &Tensor,
+        params: &[crate::SamplingParamsRow],
+    ) -> Result<Vec<u32>> {
+        #[cfg(feature = "cuda")]
+        if let StepPath::Cuda(_) = &self.path {
+            return Ok(self
+                .sample(logits, params)?
+                .into_iter()
+                .map(|row| row.token)
+                .collect());
+        }
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+        let vocab = logits.dim(D::Minus1)?;
+        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        tokenmill_kernels::reference::sampling::sample_tokens(&flat, vocab, params)
+            .map_err(|e| ModelError::InvalidBatch(format!("sampling: {e}")))
+    }
+
     /// The hidden states whose logits were asked for.
     pub(crate) fn logit_rows(&self, hidden: &Tensor, batch: &ForwardBatch) -> Result<Tensor> {
         let mut rows: Vec<u32> = Vec::with_capacity(batch.logit_rows());

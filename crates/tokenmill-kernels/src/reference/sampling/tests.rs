@@ -427,3 +427,30 @@ fn outputs_decode_to_rows() {
     };
     assert!(!row.bit_eq(&other));
 }
+
+#[test]
+fn tokens_only_draws_the_tokens_of_the_full_sampler() {
+    let mut rng = fresh_rng();
+    for vocab in [1usize, 7, 1000, 4099] {
+        let batch = 6;
+        let logits = logits(&mut rng, vocab * batch, 8.0);
+        let params: Vec<SamplingParamsRow> = (0..batch)
+            .map(|i| {
+                let t = [0.0, 0.0, 0.5, 1.0, 1.3, 0.8][i];
+                let k = [0, 3, 0, 0, 50, 5][i];
+                let p = [1.0, 1.0, 0.9, 1.0, 0.5, 0.95][i];
+                sampling(t, k, p, rng.random(), rng.random_range(0..1000))
+            })
+            .collect();
+        let full: Vec<u32> = sample_rows(&logits, vocab, &params)
+            .expect("valid")
+            .into_iter()
+            .map(|r| r.token)
+            .collect();
+        assert_eq!(
+            sample_tokens(&logits, vocab, &params).expect("valid"),
+            full,
+            "vocab {vocab}"
+        );
+    }
+}
