@@ -20,6 +20,10 @@ pub struct ExportCursor {
     /// Checkpoint notes acknowledged, counted in the order of the ledger's
     /// checkpoints file.
     pub checkpoints: u64,
+    /// Cosigned checkpoint notes acknowledged, counted in the order of the
+    /// ledger's cosignatures file (a cursor written before cosignatures
+    /// existed reads as 0).
+    pub cosignatures: u64,
 }
 
 const MAGIC_LINE: &str = "tokenmill-nats cursor v1";
@@ -57,12 +61,17 @@ fn parse(text: &str) -> Option<ExportCursor> {
     };
     let records = field("records")?;
     let checkpoints = field("checkpoints")?;
+    let cosignatures = match lines.next() {
+        None => 0,
+        Some(line) => line.strip_prefix("cosignatures ")?.parse().ok()?,
+    };
     if lines.next().is_some() {
         return None;
     }
     Some(ExportCursor {
         records,
         checkpoints,
+        cosignatures,
     })
 }
 
@@ -73,8 +82,8 @@ pub(crate) fn write_cursor(dir: &Path, stream: &str, cursor: ExportCursor) -> io
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let text = format!(
-        "{MAGIC_LINE}\nrecords {}\ncheckpoints {}\n",
-        cursor.records, cursor.checkpoints
+        "{MAGIC_LINE}\nrecords {}\ncheckpoints {}\ncosignatures {}\n",
+        cursor.records, cursor.checkpoints, cursor.cosignatures
     );
     {
         let mut file = File::create(&tmp)?;
@@ -97,12 +106,14 @@ mod tests {
         let c = ExportCursor {
             records: 12,
             checkpoints: 3,
+            cosignatures: 1,
         };
         write_cursor(dir.path(), "s", c).expect("writes");
         assert_eq!(read_cursor(dir.path(), "s").expect("reads"), Some(c));
         let d = ExportCursor {
             records: 13,
             checkpoints: 3,
+            cosignatures: 2,
         };
         write_cursor(dir.path(), "s", d).expect("writes");
         assert_eq!(read_cursor(dir.path(), "s").expect("reads"), Some(d));
@@ -118,6 +129,7 @@ mod tests {
             "tokenmill-nats cursor v1\nrecords x\ncheckpoints 2\n",
             "tokenmill-nats cursor v1\nrecords 1\n",
             "tokenmill-nats cursor v1\nrecords 1\ncheckpoints 2\nmore\n",
+            "tokenmill-nats cursor v1\nrecords 1\ncheckpoints 2\ncosignatures 1\nmore\n",
         ] {
             assert_eq!(parse(text), None, "{text:?}");
         }

@@ -129,6 +129,9 @@ pub struct ExportStats {
     pub published_records: u64,
     /// Checkpoint notes the stream acknowledged since the exporter started.
     pub published_checkpoints: u64,
+    /// Cosigned checkpoint notes (witness cosignatures) the stream
+    /// acknowledged since the exporter started.
+    pub published_cosignatures: u64,
     /// Of those, acknowledgements that said the stream already had the
     /// message (re-sent around a crash or an outage).
     pub duplicates: u64,
@@ -160,6 +163,7 @@ pub struct ExportSummary {
 struct Counters {
     published_records: AtomicU64,
     published_checkpoints: AtomicU64,
+    published_cosignatures: AtomicU64,
     duplicates: AtomicU64,
     next_seq: AtomicU64,
     next_checkpoint: AtomicU64,
@@ -187,6 +191,7 @@ impl Shared {
         ExportStats {
             published_records: c.published_records.load(Ordering::Relaxed),
             published_checkpoints: c.published_checkpoints.load(Ordering::Relaxed),
+            published_cosignatures: c.published_cosignatures.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             next_seq,
             next_checkpoint: c.next_checkpoint.load(Ordering::Acquire),
@@ -366,6 +371,8 @@ fn load_cursor(config: &ExportConfig) -> ExportCursor {
 enum Outgoing {
     Record(TailRecord),
     Note(TailNote),
+    /// A cosigned checkpoint note, from the cosignatures file.
+    Cosigned(TailNote),
 }
 
 struct Nats {
@@ -395,10 +402,13 @@ struct Exporter {
     cursor_failing: bool,
     records: Option<RecordTail>,
     notes: Option<NoteTail>,
+    cosigned: Option<NoteTail>,
     /// Read, not yet acknowledged, in publishing order.
     queue: VecDeque<Outgoing>,
     /// Notes read whose records are not all queued yet.
     waiting_notes: VecDeque<TailNote>,
+    /// Cosigned notes read whose records are not all queued yet.
+    waiting_cosigned: VecDeque<TailNote>,
     /// The next record to queue.
     queued_seq: u64,
     nats: Option<Nats>,
@@ -427,8 +437,10 @@ impl Exporter {
             cursor_failing: false,
             records: None,
             notes: None,
+            cosigned: None,
             queue: VecDeque::new(),
             waiting_notes: VecDeque::new(),
+            waiting_cosigned: VecDeque::new(),
             queued_seq: cursor.records,
             nats: None,
             failing_since: None,
@@ -549,6 +561,10 @@ impl Exporter {
             .notes
             .get_or_insert_with(|| NoteTail::open(dir, self.cursor.checkpoints));
         self.waiting_notes.extend(notes.poll()?);
+        let cosigned = self
+            .cosigned
+            .get_or_insert_with(|| NoteTail::open_cosignatures(dir, self.cursor.cosignatures));
+        self.waiting_cosigned.extend(cosigned.poll()?);
         let room = (2 * self.config.max_in_flight).saturating_sub(self.queue.len());
         let limit = self
             .shared
@@ -560,7 +576,11 @@ impl Exporter {
             .counters
             .seen_seq
             .fetch_max(records.next_seq(), Ordering::AcqRel);
-        let stall = records.stall().or_else(|| notes.stall()).map(str::to_owned);
+        let stall = records
+            .stall()
+            .or_else(|| notes.stall())
+            .or_else(|| cosigned.stall())
+            .map(str::to_owned);
         if stall != self.last_stall {
             if let Some(s) = &stall {
                 tracing::warn!(
@@ -587,14 +607,25 @@ impl Exporter {
                 self.queue.push_back(Outgoing::Note(note));
             }
         }
+        while self
+            .waiting_cosigned
+            .front()
+            .is_some_and(|n| n.size <= size)
+        {
+            if let Some(note) = self.waiting_cosigned.pop_front() {
+                self.queue.push_back(Outgoing::Cosigned(note));
+            }
+        }
     }
 
     /// Forgets everything not acknowledged and reads again from the cursor.
     fn reset(&mut self) {
         self.records = None;
         self.notes = None;
+        self.cosigned = None;
         self.queue.clear();
         self.waiting_notes.clear();
+        self.waiting_cosigned.clear();
         self.queued_seq = self.cursor.records;
     }
 
@@ -659,6 +690,13 @@ impl Exporter {
                     .message_id(StreamLayout::checkpoint_msg_id(n.size, &n.text))
                     .header(HEADER_SIZE, n.size.to_string()),
             ),
+            Outgoing::Cosigned(n) => (
+                self.layout.cosigned_subject(),
+                PublishMessage::build()
+                    .payload(n.text.clone().into_bytes().into())
+                    .message_id(StreamLayout::cosigned_msg_id(n.size, &n.text))
+                    .header(HEADER_SIZE, n.size.to_string()),
+            ),
         }
     }
 
@@ -679,6 +717,10 @@ impl Exporter {
                 c.next_checkpoint
                     .store(self.cursor.checkpoints, Ordering::Release);
                 c.published_checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Outgoing::Cosigned(n)) => {
+                self.cursor.cosignatures = n.index + 1;
+                c.published_cosignatures.fetch_add(1, Ordering::Relaxed);
             }
             None => {}
         }

@@ -76,6 +76,12 @@ impl StreamLayout {
         format!("{}.checkpoint", self.prefix())
     }
 
+    /// Subject of cosigned checkpoint messages (a checkpoint note with a
+    /// witness's cosignature lines, from the ledger's cosignatures file).
+    pub fn cosigned_subject(&self) -> String {
+        format!("{}.cosigned", self.prefix())
+    }
+
     /// The message id of a record: its record hash in hex, the record's id
     /// (docs/ledger-format.md, 1.4). The same record always gets the same
     /// id, whoever sends it and however often, which is what lets the
@@ -90,13 +96,25 @@ impl StreamLayout {
     /// the digest keeps two different notes of one size (say, signed by two
     /// keys) from deduplicating each other.
     pub fn checkpoint_msg_id(size: u64, note: &str) -> String {
-        let digest = Sha256::digest(note.as_bytes());
-        let mut hex = String::with_capacity(16);
-        for b in &digest[..8] {
-            hex.push_str(&format!("{b:02x}"));
-        }
-        format!("checkpoint/{size}/{hex}")
+        format!("checkpoint/{size}/{}", short_digest(note))
     }
+
+    /// The message id of a cosigned checkpoint note:
+    /// `cosigned/<tree size>/<first 16 hex digits of SHA-256 of the note>`
+    /// (each witness's cosignature makes another note).
+    pub fn cosigned_msg_id(size: u64, note: &str) -> String {
+        format!("cosigned/{size}/{}", short_digest(note))
+    }
+}
+
+/// The first 16 hex digits of SHA-256 of `text`.
+fn short_digest(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = String::with_capacity(16);
+    for b in &digest[..8] {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
 }
 
 #[cfg(test)]

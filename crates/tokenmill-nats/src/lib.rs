@@ -30,8 +30,11 @@
 //!   puts them back in order.
 //!
 //! The stream layout (see [`StreamLayout`]): stream `NAME` holds subjects
-//! `tokenmill.ledger.NAME.record` (payload: the canonical record bytes) and
-//! `tokenmill.ledger.NAME.checkpoint` (payload: the signed note, UTF-8).
+//! `tokenmill.ledger.NAME.record` (payload: the canonical record bytes),
+//! `tokenmill.ledger.NAME.checkpoint` (payload: the signed note, UTF-8) and
+//! `tokenmill.ledger.NAME.cosigned` (payload: a checkpoint note with a
+//! witness's cosignature lines, from the ledger's `cosignatures` file; a
+//! pull keeps them in the rebuilt ledger's own).
 //!
 //! ```no_run
 //! use std::time::Duration;

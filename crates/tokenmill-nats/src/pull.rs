@@ -24,6 +24,7 @@ use std::path::Path;
 use std::time::Duration;
 use tokenmill_metering::checkpoint::Checkpoint;
 use tokenmill_metering::record::{self, record_hash};
+use tokenmill_metering::witnessed::{witnessed_checkpoints, CosignatureLog};
 use tokenmill_metering::{
     note, Hash, ImportError, Importer, LedgerConfig, VerifierKey, VerifyReport,
 };
@@ -97,6 +98,8 @@ pub struct PullReport {
     pub records: u64,
     /// Checkpoint messages read.
     pub checkpoints: u64,
+    /// Cosigned checkpoint notes kept (the ledger's cosignatures file).
+    pub cosigned: u64,
     /// Record copies skipped (the same record again).
     pub duplicates: u64,
     /// Records that arrived before one they follow.
@@ -161,6 +164,7 @@ pub async fn pull(
         highest: 0,
         messages: 0,
         checkpoints: 0,
+        cosigned: Vec::new(),
         duplicates: 0,
         out_of_order: 0,
     };
@@ -178,6 +182,7 @@ pub async fn pull(
         .map_err(nats(format!("reading {stream}")))?;
     let record_subject = layout.record_subject();
     let checkpoint_subject = layout.checkpoint_subject();
+    let cosigned_subject = layout.cosigned_subject();
     // (A stream whose last sequence is 0 holds nothing to read.)
     let mut done = last == 0;
     while !done {
@@ -198,6 +203,8 @@ pub async fn pull(
             rebuild.record(&message.payload, stream_seq)?;
         } else if subject == checkpoint_subject {
             rebuild.checkpoint(&message.payload, stream_seq)?;
+        } else if subject == cosigned_subject {
+            rebuild.cosigned(&message.payload, stream_seq)?;
         } else {
             return Err(PullError::BadMessage {
                 stream_seq,
@@ -216,12 +223,23 @@ pub async fn pull(
     }
     let records = rebuild.importer.records();
     let verify = rebuild.importer.finish(keys)?;
+    if !rebuild.cosigned.is_empty() {
+        // As kept by the original: each must carry the ledger's signature
+        // over one of its checkpoints (which witnesses count is the
+        // verifier's choice).
+        let mut log = CosignatureLog::open(out_dir).map_err(ImportError::from)?;
+        for note in &rebuild.cosigned {
+            log.append(note).map_err(ImportError::from)?;
+        }
+        witnessed_checkpoints(out_dir, keys, &[]).map_err(ImportError::from)?;
+    }
     Ok(PullReport {
         verify,
         origin,
         messages: rebuild.messages,
         records,
         checkpoints: rebuild.checkpoints,
+        cosigned: rebuild.cosigned.len() as u64,
         duplicates: rebuild.duplicates,
         out_of_order: rebuild.out_of_order,
     })
@@ -268,6 +286,8 @@ struct Rebuild {
     highest: u64,
     messages: u64,
     checkpoints: u64,
+    /// Cosigned checkpoint notes, each once, for the cosignatures file.
+    cosigned: Vec<String>,
     duplicates: u64,
     out_of_order: u64,
 }
@@ -335,6 +355,17 @@ impl Rebuild {
         })?;
         self.importer.push_checkpoint(text)?;
         self.checkpoints += 1;
+        Ok(())
+    }
+
+    fn cosigned(&mut self, bytes: &[u8], stream_seq: u64) -> Result<(), PullError> {
+        let text = std::str::from_utf8(bytes).map_err(|_| PullError::BadMessage {
+            stream_seq,
+            what: "cosigned note is not UTF-8".into(),
+        })?;
+        if !self.cosigned.iter().any(|n| n == text) {
+            self.cosigned.push(text.to_owned());
+        }
         Ok(())
     }
 }
@@ -411,6 +442,7 @@ mod tests {
             highest: 0,
             messages: 0,
             checkpoints: 0,
+            cosigned: Vec::new(),
             duplicates: 0,
             out_of_order: 0,
         }

@@ -22,7 +22,9 @@ use std::io::{self, Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 use tokenmill_metering::checkpoint::Checkpoint;
 use tokenmill_metering::record::{self, Record};
-use tokenmill_metering::{note, segment_name, Hash, CHECKPOINTS_FILE, MAX_RECORD_BYTES};
+use tokenmill_metering::{
+    note, segment_name, Hash, CHECKPOINTS_FILE, COSIGNATURES_FILE, MAX_RECORD_BYTES,
+};
 
 const MAGIC: &[u8; 8] = b"TMLEDGER";
 const HEADER_BYTES: usize = 22;
@@ -30,6 +32,7 @@ const FRAME_OVERHEAD: usize = 8;
 const FILE_VERSION: u8 = 1;
 const KIND_SEGMENT: u8 = 1;
 const KIND_CHECKPOINTS: u8 = 2;
+const KIND_COSIGNATURES: u8 = 3;
 /// Bytes read at a time: more than the largest frame, so every read that
 /// is cut short still holds at least one whole frame.
 const CHUNK: u64 = 8 << 20;
@@ -411,6 +414,8 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, TailError> {
 /// Follows the checkpoints file of a ledger directory.
 pub(crate) struct NoteTail {
     path: PathBuf,
+    /// The file kind its header must carry.
+    kind: u8,
     offset: u64,
     /// Notes passed so far (skipped or returned).
     index: u64,
@@ -425,10 +430,21 @@ impl NoteTail {
     pub(crate) fn open(dir: &Path, skip: u64) -> NoteTail {
         NoteTail {
             path: dir.join(CHECKPOINTS_FILE),
+            kind: KIND_CHECKPOINTS,
             offset: 0,
             index: 0,
             skip,
             stall: None,
+        }
+    }
+
+    /// Follows the cosignatures file in `dir` (cosigned checkpoint notes),
+    /// returning the notes from the `skip`-th on.
+    pub(crate) fn open_cosignatures(dir: &Path, skip: u64) -> NoteTail {
+        NoteTail {
+            path: dir.join(COSIGNATURES_FILE),
+            kind: KIND_COSIGNATURES,
+            ..NoteTail::open(dir, skip)
         }
     }
 
@@ -451,7 +467,7 @@ impl NoteTail {
             };
             let mut pos = 0usize;
             if self.offset == 0 {
-                match header(&data, KIND_CHECKPOINTS) {
+                match header(&data, self.kind) {
                     Ok(None) => return Ok(out),
                     Ok(Some(_)) => pos = HEADER_BYTES,
                     Err(what) => return Err(corrupt(0, what)),

@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tokenmill_metering::verify;
+use tokenmill_metering::cosignature::Cosigner;
+use tokenmill_metering::witnessed::{witnessed_checkpoints, CosignatureLog};
+use tokenmill_metering::{verify, Signer};
 use tokenmill_nats::{pull_blocking, read_cursor, spawn, ExportConfig, ExportCursor};
 
 fn quick(config: ExportConfig) -> ExportConfig {
@@ -53,6 +55,16 @@ fn export_then_pull_rebuilds_the_same_ledger() {
     let closed = write_ledger(dir.path(), 3000, 500);
     let notes = notes_of(dir.path()).len() as u64;
     assert!(notes >= 2);
+    // A witness cosigned every other checkpoint.
+    let witness = Cosigner::from_signer(&Signer::from_seed("witness.test/w", [9; 32]).unwrap());
+    let mut log = CosignatureLog::open(dir.path()).expect("cosignatures open");
+    let mut cosigned = 0;
+    for note in notes_of(dir.path()).iter().step_by(2) {
+        let text = &tokenmill_metering::note::parse(note).unwrap().text;
+        log.append(&format!("{note}{}", witness.cosign(text, 1_700_000_000)))
+            .expect("cosignature kept");
+        cosigned += 1;
+    }
 
     let exporter = spawn(quick(ExportConfig::new(url, &stream, dir.path()))).expect("spawns");
     wait_until("the export", Duration::from_secs(60), || {
@@ -63,13 +75,15 @@ fn export_then_pull_rebuilds_the_same_ledger() {
     assert!(summary.caught_up);
     assert_eq!(summary.stats.published_records, 3000);
     assert_eq!(summary.stats.published_checkpoints, notes);
+    assert_eq!(summary.stats.published_cosignatures, cosigned);
     assert_eq!(summary.stats.backlog, 0);
     assert_eq!(summary.stats.duplicates, 0);
     assert_eq!(
         read_cursor(dir.path(), &stream).expect("cursor reads"),
         Some(ExportCursor {
             records: 3000,
-            checkpoints: notes
+            checkpoints: notes,
+            cosignatures: cosigned,
         })
     );
     // The cursor file does not disturb the ledger.
@@ -77,13 +91,22 @@ fn export_then_pull_rebuilds_the_same_ledger() {
 
     assert_stream_holds_ledger_once(url, &stream, dir.path());
     assert_pull_rebuilds(url, &stream, dir.path());
+    // The pulled ledger keeps the cosignatures, and they verify.
+    let out = tempfile::tempdir().expect("tempdir");
+    let rebuilt = out.path().join("ledger");
+    let report = pull_blocking(url, &stream, &rebuilt, &keys()).expect("pull");
+    assert_eq!(report.cosigned, cosigned);
+    let found =
+        witnessed_checkpoints(&rebuilt, &keys(), &[witness.public()]).expect("cosignatures verify");
+    assert_eq!(found.len() as u64, cosigned);
+    assert!(found.iter().all(|w| w.cosigned_by.len() == 1));
 
     // A second exporter starts at the cursor: nothing is sent again.
     let again = spawn(quick(ExportConfig::new(url, &stream, dir.path()))).expect("spawns");
     let summary = again.shutdown(Duration::from_secs(10));
     assert!(summary.caught_up);
     assert_eq!(summary.stats.published_records, 0);
-    assert_eq!(stream_len(url, &stream), 3000 + notes);
+    assert_eq!(stream_len(url, &stream), 3000 + notes + cosigned);
 }
 
 #[test]

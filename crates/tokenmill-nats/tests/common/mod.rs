@@ -284,6 +284,10 @@ pub fn assert_stream_holds_ledger_once(url: &str, stream: &str, dir: &Path) {
     let messages = stream_messages(url, stream);
     let mut by_seq: BTreeMap<u64, usize> = BTreeMap::new();
     let mut notes_seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut cosigned_seen: BTreeMap<String, usize> = BTreeMap::new();
+    let cosigned = tokenmill_metering::witnessed::CosignatureLog::open(dir)
+        .and_then(|log| log.notes())
+        .expect("cosignatures read");
     for m in &messages {
         if m.subject == layout.record_subject() {
             let seq = m.seq.expect("records carry their sequence number");
@@ -292,6 +296,9 @@ pub fn assert_stream_holds_ledger_once(url: &str, stream: &str, dir: &Path) {
             assert_eq!(&m.payload, original, "record {seq} differs");
             let hash = tokenmill_metering::record::record_hash(original);
             assert_eq!(m.msg_id, StreamLayout::record_msg_id(&hash));
+        } else if m.subject == layout.cosigned_subject() {
+            let text = String::from_utf8(m.payload.clone()).expect("utf-8");
+            *cosigned_seen.entry(text).or_default() += 1;
         } else {
             assert_eq!(m.subject, layout.checkpoint_subject());
             let text = String::from_utf8(m.payload.clone()).expect("utf-8");
@@ -323,7 +330,15 @@ pub fn assert_stream_holds_ledger_once(url: &str, stream: &str, dir: &Path) {
         notes.len(),
         "notes the ledger does not have"
     );
-    assert_eq!(messages.len(), records.len() + notes.len());
+    for n in &cosigned {
+        assert_eq!(
+            cosigned_seen.get(n),
+            Some(&1),
+            "cosigned note not in the stream once:\n{n}"
+        );
+    }
+    assert_eq!(cosigned_seen.len(), cosigned.len());
+    assert_eq!(messages.len(), records.len() + notes.len() + cosigned.len());
 }
 
 /// Waits until `done` holds, failing the test after `timeout`.
