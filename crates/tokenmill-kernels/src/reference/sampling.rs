@@ -301,8 +301,31 @@ pub fn sample_tokens(
     Ok(logits
         .chunks_exact(vocab)
         .zip(params)
-        .map(|(row, p)| choose(&Prepared::new(row), p, &block).map_or(NO_TOKEN, |(_, i)| i))
+        .map(|(row, p)| {
+            if p.temperature <= 0.0 {
+                greedy_token(row)
+            } else {
+                choose(&Prepared::new(row), p, &block).map_or(NO_TOKEN, |(_, i)| i)
+            }
+        })
         .collect())
+}
+
+/// The greedy token of a row in one pass: the largest sanitized logit,
+/// lowest index on ties. The same token as [`choose`]'s greedy branch (a
+/// row with no logit above -inf reads as uniform there and here gives the
+/// first index either way), without its per-index indirection.
+fn greedy_token(row: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &l) in row.iter().enumerate() {
+        let v = sanitize(l);
+        if v > best_value {
+            best = i;
+            best_value = v;
+        }
+    }
+    best as u32
 }
 
 /// Step 3 of a row: the token, greedy or drawn, with its key.
