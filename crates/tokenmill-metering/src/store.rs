@@ -357,30 +357,51 @@ impl Store {
 
     /// Durably appends a signed note to the checkpoints file.
     pub(crate) fn append_note(&mut self, note: &str) -> Result<(), LedgerError> {
-        let path = self.dir.join(frame::CHECKPOINTS_FILE);
-        let mut buf = Vec::with_capacity(note.len() + frame::HEADER_BYTES + 8);
-        let created = self.notes.is_none();
-        if created {
-            let file = OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| io_err(&path, e))?;
-            self.notes = Some(file);
-            buf.extend_from_slice(&frame::header(FileKind::Checkpoints, 0));
-        }
-        frame::push_frame(note.as_bytes(), &mut buf);
-        let Some(file) = self.notes.as_mut() else {
-            return Err(LedgerError::Config("checkpoints file not open".into()));
-        };
-        file.write_all(&buf)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io_err(&path, e))?;
-        if created {
-            fsutil::sync_dir(&self.dir).map_err(|e| io_err(&self.dir, e))?;
-        }
-        Ok(())
+        append_note_frame(
+            &self.dir,
+            frame::CHECKPOINTS_FILE,
+            FileKind::Checkpoints,
+            &mut self.notes,
+            note,
+        )
     }
+}
+
+/// Durably appends `note` as one frame to the note file `name` of `dir`
+/// (`checkpoints` or `cosignatures`): `file` is the file open for
+/// appending, `None` until its first note, when the file is created with
+/// its header and the directory synced.
+pub(crate) fn append_note_frame(
+    dir: &Path,
+    name: &str,
+    kind: FileKind,
+    file: &mut Option<File>,
+    note: &str,
+) -> Result<(), LedgerError> {
+    let path = dir.join(name);
+    let mut buf = Vec::with_capacity(note.len() + frame::HEADER_BYTES + 8);
+    let created = file.is_none();
+    let open = match file {
+        Some(open) => open,
+        None => {
+            buf.extend_from_slice(&frame::header(kind, 0));
+            file.insert(
+                OpenOptions::new()
+                    .append(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| io_err(&path, e))?,
+            )
+        }
+    };
+    frame::push_frame(note.as_bytes(), &mut buf);
+    open.write_all(&buf)
+        .and_then(|()| open.sync_data())
+        .map_err(|e| io_err(&path, e))?;
+    if created {
+        fsutil::sync_dir(dir).map_err(|e| io_err(dir, e))?;
+    }
+    Ok(())
 }
 
 /// Moves a torn tail out of the way: the bytes go to a new `.torn` file

@@ -24,7 +24,6 @@ use crate::note;
 use crate::reader::{self, TailPolicy};
 use crate::verify::verified_checkpoints;
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The `cosignatures` file of a ledger, open for appending.
@@ -88,29 +87,13 @@ impl CosignatureLog {
 
     /// Appends one cosigned checkpoint note and syncs it.
     pub fn append(&mut self, cosigned_note: &str) -> Result<(), LedgerError> {
-        let path = self.dir.join(frame::COSIGNATURES_FILE);
-        let mut buf = Vec::with_capacity(cosigned_note.len() + frame::HEADER_BYTES + 8);
-        let created = self.file.is_none();
-        if created {
-            let file = OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| io_err(&path, e))?;
-            self.file = Some(file);
-            buf.extend_from_slice(&frame::header(FileKind::Cosignatures, 0));
-        }
-        frame::push_frame(cosigned_note.as_bytes(), &mut buf);
-        let Some(file) = self.file.as_mut() else {
-            return Err(LedgerError::Config("cosignatures file not open".into()));
-        };
-        file.write_all(&buf)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io_err(&path, e))?;
-        if created {
-            fsutil::sync_dir(&self.dir).map_err(|e| io_err(&self.dir, e))?;
-        }
-        Ok(())
+        crate::store::append_note_frame(
+            &self.dir,
+            frame::COSIGNATURES_FILE,
+            FileKind::Cosignatures,
+            &mut self.file,
+            cosigned_note,
+        )
     }
 }
 

@@ -271,11 +271,7 @@ pub fn sample_rows(
     vocab: usize,
     params: &[SamplingParamsRow],
 ) -> Result<Vec<SampledRow>> {
-    validate(logits.len(), vocab, params)?;
-    let geometry = sampling_geometry(params.len(), vocab)?;
-    let block = Block {
-        threads: geometry.threads as usize,
-    };
+    let block = Block::checked(logits.len(), vocab, params)?;
     Ok(logits
         .chunks_exact(vocab)
         .zip(params)
@@ -293,11 +289,7 @@ pub fn sample_tokens(
     vocab: usize,
     params: &[SamplingParamsRow],
 ) -> Result<Vec<u32>> {
-    validate(logits.len(), vocab, params)?;
-    let geometry = sampling_geometry(params.len(), vocab)?;
-    let block = Block {
-        threads: geometry.threads as usize,
-    };
+    let block = Block::checked(logits.len(), vocab, params)?;
     Ok(logits
         .chunks_exact(vocab)
         .zip(params)
@@ -459,6 +451,16 @@ struct Block {
 }
 
 impl Block {
+    /// The kernel's block for `params.len()` rows of `vocab`, once the call
+    /// is checked.
+    fn checked(logits_len: usize, vocab: usize, params: &[SamplingParamsRow]) -> Result<Block> {
+        validate(logits_len, vocab, params)?;
+        let geometry = sampling_geometry(params.len(), vocab)?;
+        Ok(Block {
+            threads: geometry.threads as usize,
+        })
+    }
+
     /// `Σ term(i)` for `i < n` in the kernel's order: thread t adds
     /// `t, t + threads, ...` in turn; each warp combines its lanes by an xor
     /// butterfly (lane l adds lane `l ^ off` for off = 16, 8, 4, 2, 1); the
