@@ -21,7 +21,11 @@
 //!   replay decode steps capture a closure and know nothing of the model;
 //! - [`text`]: tokenizers and chat templates.
 //!
-//! The library reads no environment: the binary decides the options.
+//! How the model runs is never read from the environment: the binary
+//! decides the forward's options. The one variable the crate reads is where
+//! the fetch scripts install known models (`TOKENMILL_CACHE`, in
+//! [`load::catalog::cache_dir`]), a location the scripts and every tool
+//! share.
 #![deny(missing_docs)]
 
 pub mod cpu;
