@@ -33,11 +33,12 @@ GGUF = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Runs `tokenmill bench ARGS`; fails the test on a non-zero exit."""
+def bench(*args: str, timeout: float = 300, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    """Runs `tokenmill bench ARGS`; fails the test unless it exits 0 (or, with ok=False, non-zero)."""
     command = [str(server_binary()), "bench", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    assert done.returncode == 0, f"{command} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert (done.returncode == 0) == ok, \
+        f"{command} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done
 
 
@@ -239,13 +240,30 @@ def test_an_unreachable_server_is_counted_as_connect_errors(prompt_file: Path, t
     with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as closed:
         port = closed.server_address[1]  # bound, then closed: nothing listens there
     out = tmp_path / "down.json"
-    bench(
+    done = bench(
         "serve", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "fake", "--prompts", str(prompt_file),
-        "--num-requests", "3", "--warmup", "1", "--json", str(out), "--no-progress",
+        "--num-requests", "3", "--warmup", "1", "--json", str(out), "--no-progress", ok=False,
     )
+    # Nothing measured is a failure of the run, and the results still say why.
+    assert "every request of level concurrency 1 failed (3 connect)" in done.stderr, done.stderr
     level = load_results(out)["levels"][0]
     assert level["summary"]["errors"] == {"connect": 3}
     assert level["warmup_failed"] == 1
+
+
+def test_the_base_url_works_with_or_without_v1_and_a_wrong_one_fails_the_run(
+        tokenmill_server: Server, tmp_path: Path) -> None:
+    root = tokenmill_server.base_url.removesuffix("/v1")
+    common = ["--model", MODEL, "--tokenizer", str(GGUF), "--num-requests", "2", "--warmup", "0",
+              "--input-len", "8", "--output-len", "2", "--no-progress"]
+    for base in [root, root + "/", tokenmill_server.base_url]:
+        out = tmp_path / "ok.json"
+        bench("serve", "--base-url", base, *common, "--json", str(out))
+        assert load_results(out)["levels"][0]["summary"]["completed"] == 2, base
+    # A base URL the server does not serve: every request is a 404, and the
+    # run exits non-zero instead of reporting a level of nothing.
+    wrong = bench("serve", "--base-url", root + "/nope", *common, ok=False)
+    assert "every request of level" in wrong.stderr and "http_404" in wrong.stderr, wrong.stderr
 
 
 def test_the_same_seed_sends_the_same_work(fake_server: FakeServer, tmp_path: Path) -> None:

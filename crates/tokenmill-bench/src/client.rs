@@ -65,6 +65,24 @@ pub struct HttpTarget {
 /// Most bytes of an error body kept in a record.
 const ERROR_BODY_LIMIT: usize = 500;
 
+/// The OpenAI API root of `--base-url`: as given when it ends in `/v1`,
+/// else with `/v1` added, so that `http://HOST:PORT` (as `vllm bench`
+/// users type it) and `http://HOST:PORT/v1` (as OpenAI clients take it)
+/// reach the same endpoints.
+pub fn api_base(base_url: &str) -> Result<String> {
+    let base = base_url.trim_end_matches('/');
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(BenchError::Config(format!(
+            "--base-url {base_url:?}: expected http://HOST:PORT or http://HOST:PORT/v1"
+        )));
+    }
+    Ok(if base.ends_with("/v1") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1")
+    })
+}
+
 impl HttpTarget {
     /// A target at `base_url` (e.g. `http://127.0.0.1:8000/v1`). Fields of
     /// `extra_body` are added to every request body (and win over ours).
@@ -74,12 +92,7 @@ impl HttpTarget {
         options: RequestOptions,
         extra_body: Map<String, Value>,
     ) -> Result<Self> {
-        let base = base_url.trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(BenchError::Config(format!(
-                "--base-url {base_url:?}: expected http://HOST:PORT/v1"
-            )));
-        }
+        let base = api_base(base_url)?;
         let client = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
@@ -330,6 +343,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_base_url_is_the_same_with_or_without_v1() {
+        for given in [
+            "http://127.0.0.1:8000",
+            "http://127.0.0.1:8000/",
+            "http://127.0.0.1:8000/v1",
+            "http://127.0.0.1:8000/v1/",
+        ] {
+            assert_eq!(
+                api_base(given).unwrap(),
+                "http://127.0.0.1:8000/v1",
+                "{given}"
+            );
+        }
+        assert!(api_base("127.0.0.1:8000").is_err());
+    }
     use super::*;
 
     fn target(endpoint: Endpoint, ignore_eos: bool) -> HttpTarget {

@@ -42,7 +42,9 @@ enum BenchCommand {
 
 #[derive(Args, Debug)]
 struct ServeBench {
-    /// The server's OpenAI base URL.
+    /// The server's OpenAI base URL, with or without the final `/v1`
+    /// (`http://127.0.0.1:8000` and `http://127.0.0.1:8000/v1` are the
+    /// same).
     #[arg(long, default_value = "http://127.0.0.1:8000/v1")]
     base_url: String,
     /// The `model` to ask for.
@@ -394,6 +396,26 @@ fn execute(
     }
     if let Some(dir) = &common.plots {
         plots(dir, std::slice::from_ref(&result))?;
+    }
+    // A level where nothing succeeded measured nothing (a wrong URL, model
+    // or key): say so with the exit status too, after the results are
+    // written for a look at the errors.
+    if let Some(level) = result
+        .levels
+        .iter()
+        .find(|l| l.summary.completed == 0 && l.summary.failed > 0)
+    {
+        let errors: Vec<String> = level
+            .summary
+            .errors
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        bail!(
+            "every request of level {} failed ({})",
+            level.load,
+            errors.join(", ")
+        );
     }
     Ok(())
 }
