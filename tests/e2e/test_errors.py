@@ -256,3 +256,27 @@ def test_server_still_answers_after_errors(client: openai.OpenAI) -> None:
 def test_bad_logprobs_are_400(http: httpx.Client, path: str, fields: dict, param: str) -> None:
     """logprobs / top_logprobs outside 0..=20, of the wrong type, or top_logprobs without logprobs: 400 naming it."""
     assert_error_body(_post(http, path, **fields), 400, param=param)
+
+
+# ---------------------------------------------------------------------------
+# The HTTP layer: what the body and headers cannot be
+
+
+def test_a_body_in_an_encoding_the_server_does_not_decode_is_415(http: httpx.Client) -> None:
+    # Not gzip at all, though it says so: never read as if it were plain JSON.
+    response = http.post(COMPLETIONS, content=b'{"model": "x"}', headers={
+        "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    error = assert_error_body(response, 415, None)
+    assert error["code"] == "unsupported_content_encoding" and "gzip" in error["message"], error
+    # identity is plain.
+    ok = http.post(COMPLETIONS, json=BASE_BODY[COMPLETIONS], headers={"Content-Encoding": "identity"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_two_authorization_headers_are_refused_not_guessed(http: httpx.Client) -> None:
+    headers = httpx.Headers([("Authorization", "Bearer first"), ("Authorization", "Bearer second")])
+    with httpx.Client(timeout=30) as bare:
+        response = bare.post(f"{http.base_url}".rstrip("/") + COMPLETIONS, json=BASE_BODY[COMPLETIONS],
+                             headers=headers)
+    error = assert_error_body(response, 400, None)
+    assert error["code"] == "multiple_authorization_headers", error

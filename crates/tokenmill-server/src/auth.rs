@@ -27,6 +27,9 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    if request.headers().get_all(AUTHORIZATION).iter().count() > 1 {
+        return Err(ApiError::AmbiguousApiKey);
+    }
     let caller = match &state.auth {
         Auth::Disabled => Caller::anonymous(),
         Auth::Keys(registry) => {

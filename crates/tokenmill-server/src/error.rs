@@ -44,6 +44,13 @@ pub enum ApiError {
     /// The body is over the size limit.
     #[error("The request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    /// The body is encoded (`Content-Encoding`) in a way this server does
+    /// not decode; reading it as plain JSON would misread it.
+    #[error("Content-Encoding {0:?} is not supported: send the body uncompressed (identity).")]
+    UnsupportedEncoding(String),
+    /// More than one `Authorization` header: which key pays would be a guess.
+    #[error("The request has more than one Authorization header; send exactly one (Authorization: Bearer YOUR_KEY).")]
+    AmbiguousApiKey,
     /// The request has no API key.
     #[error("You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")]
     MissingApiKey,
@@ -146,6 +153,18 @@ impl ApiError {
                 None,
                 Some("payload_too_large"),
             ),
+            UnsupportedEncoding(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                INVALID,
+                None,
+                Some("unsupported_content_encoding"),
+            ),
+            AmbiguousApiKey => (
+                StatusCode::BAD_REQUEST,
+                INVALID,
+                None,
+                Some("multiple_authorization_headers"),
+            ),
             MissingApiKey => (StatusCode::UNAUTHORIZED, INVALID, None, None),
             InvalidApiKey(_) => (
                 StatusCode::UNAUTHORIZED,
@@ -207,7 +226,9 @@ impl ApiError {
             | Unsupported { .. }
             | UnknownField(_)
             | InvalidJson(_)
-            | ContextLengthExceeded { .. } => "invalid",
+            | ContextLengthExceeded { .. }
+            | UnsupportedEncoding(_)
+            | AmbiguousApiKey => "invalid",
             PayloadTooLarge(_) => "too_large",
             MissingApiKey | InvalidApiKey(_) => "unauthorized",
             ModelNotFound(_) | RouteNotFound { .. } => "not_found",

@@ -209,6 +209,14 @@ async fn accept(
     if state.lifecycle.is_draining() {
         return Err(ApiError::Draining(DRAIN_RETRY_AFTER_SECONDS));
     }
+    if let Some(encoding) = request.headers().get(axum::http::header::CONTENT_ENCODING) {
+        let encoding = String::from_utf8_lossy(encoding.as_bytes())
+            .trim()
+            .to_owned();
+        if !encoding.eq_ignore_ascii_case("identity") {
+            return Err(ApiError::UnsupportedEncoding(encoding));
+        }
+    }
     let limit = state.limits.max_body_bytes;
     let body = axum::body::to_bytes(request.into_body(), limit)
         .await
