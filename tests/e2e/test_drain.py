@@ -89,14 +89,17 @@ def test_sigterm_lets_fifty_streams_finish_then_exits_zero(tmp_path: Path) -> No
 
 
 def test_streams_past_the_drain_deadline_are_cut_and_billed(tmp_path: Path) -> None:
-    """With a 1 s deadline, 50 long streams are cut: each gets an error event and [DONE]; each is billed
-    what it made, finish "shutdown"; exit 0."""
+    """With a 1 s deadline, 50 long streams are cut: each ends like any other stream, with a last chunk
+    whose finish_reason is "shutdown", the usage chunk it asked for (equal to its ledger record) and
+    [DONE]; exit 0."""
     results, ready, _, _, code, records = _drain_run(tmp_path, drain_timeout=1, max_tokens=3000)
     assert ready.status_code == 503
     assert code == 0
     assert len(records) == STREAMS
     for r in results:
-        assert r["done"] and r["error"] is not None and r["finish"] is None, r
+        assert r["done"] and r["error"] is None and r["finish"] == "shutdown", r
         record = records[r["id"]]
         assert record["finish_reason"] == "shutdown"
         assert record["tokens"]["completion_tokens"] >= r["text_chunks"] > 0
+        assert r["usage"]["completion_tokens"] == record["tokens"]["completion_tokens"], (r, record)
+        assert r["usage"]["prompt_tokens"] == record["tokens"]["prompt_tokens"], (r, record)

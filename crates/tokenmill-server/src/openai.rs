@@ -42,7 +42,10 @@ pub fn finish_reason(reason: FinishReason) -> Option<&'static str> {
     match reason {
         FinishReason::Stop => Some("stop"),
         FinishReason::Length => Some("length"),
-        FinishReason::Cancelled | FinishReason::Error | FinishReason::Shutdown => None,
+        // Cut by a drain's deadline: the answer ends like any other, with
+        // the text made so far and the usage billed for it, and says why.
+        FinishReason::Shutdown => Some("shutdown"),
+        FinishReason::Cancelled | FinishReason::Error => None,
     }
 }
 

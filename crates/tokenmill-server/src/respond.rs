@@ -47,12 +47,11 @@ pub(crate) struct Shape {
 /// The error a finished request that did not end normally maps to.
 fn failure(usage: &UsageEvent, error: Option<RequestFailure>) -> Option<ApiError> {
     match usage.finish_reason {
-        FinishReason::Stop | FinishReason::Length => None,
+        // A drain's deadline cut it: it ends like any other answer, with
+        // finish_reason "shutdown" and the usage the ledger holds.
+        FinishReason::Stop | FinishReason::Length | FinishReason::Shutdown => None,
         FinishReason::Cancelled => Some(ApiError::Unavailable(
             "the request was cancelled".to_owned(),
-        )),
-        FinishReason::Shutdown => Some(ApiError::Unavailable(
-            "the server shut down before the request finished".to_owned(),
         )),
         FinishReason::Error => Some(ApiError::Internal(
             error.map_or_else(|| "generation failed".to_owned(), |e| e.to_string()),
@@ -283,16 +282,17 @@ mod tests {
     fn a_normal_end_is_no_failure() {
         assert_eq!(failure(&usage(FinishReason::Stop), None), None);
         assert_eq!(failure(&usage(FinishReason::Length), None), None);
+        // Cut at a drain's deadline: answered with what was made.
+        assert_eq!(failure(&usage(FinishReason::Shutdown), None), None);
+        assert_eq!(finish_reason(FinishReason::Shutdown), Some("shutdown"));
     }
 
     #[test]
     fn each_abnormal_end_has_its_error() {
-        for reason in [FinishReason::Cancelled, FinishReason::Shutdown] {
-            let error = failure(&usage(reason), None).expect("a failure");
-            assert!(matches!(error, ApiError::Unavailable(_)), "{error:?}");
-            assert_eq!(error.status(), 503);
-            assert_eq!(error.body()["error"]["code"], "unavailable");
-        }
+        let error = failure(&usage(FinishReason::Cancelled), None).expect("a failure");
+        assert!(matches!(error, ApiError::Unavailable(_)), "{error:?}");
+        assert_eq!(error.status(), 503);
+        assert_eq!(error.body()["error"]["code"], "unavailable");
         for (cause, words) in [
             (None, "generation failed"),
             (Some(RequestFailure::Model("boom".to_owned())), "boom"),

@@ -173,7 +173,12 @@ impl RequestOutput {
         if completion.ended {
             return;
         }
-        if matches!(reason, FinishReason::Length | FinishReason::Stop) {
+        // An answer that ends normally, or is cut at shutdown, gets the
+        // text held back for a possible stop string: its tokens are billed.
+        if matches!(
+            reason,
+            FinishReason::Length | FinishReason::Stop | FinishReason::Shutdown
+        ) {
             let rest = completion.text.finish(detokenizer);
             if !rest.text.is_empty() {
                 self.send_text(index, rest.text, Vec::new(), Vec::new());
