@@ -122,3 +122,37 @@ def test_raw_sse_framing(http: httpx.Client, path: str, body: dict, chunk_object
         assert chunk.get("usage") is None
     assert content_chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
     assert all(c["choices"][0].get("finish_reason") is None for c in content_chunks[:-1])
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(http) -> None:
+    """vLLM's stream_options.continuous_usage_stats (guidellm sends it): each chunk carries the
+    cumulative usage; the last usage chunk is the request's whole usage."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = []
+    with http.stream("POST", "/completions", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data: "):]))
+    with_choices = [c for c in chunks if c["choices"]]
+    assert with_choices and all(c.get("usage") for c in with_choices), chunks
+    completion = [c["usage"]["completion_tokens"] for c in with_choices]
+    assert completion == sorted(completion) and completion[-1] <= 6, completion
+    final = chunks[-1]
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 6
+    prompt = {c["usage"]["prompt_tokens"] for c in chunks}
+    assert len(prompt) == 1, prompt
+    for c in with_choices:
+        assert c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+
+
+def test_fields_that_change_nothing_are_accepted_and_a_penalty_is_not_faked(http) -> None:
+    """store, metadata, service_tier and vLLM's neutral repetition_penalty (its benchmark always sends
+    1.0) are accepted; a real repetition penalty, which we do not implement, is still a 400 naming it."""
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "store": False, "metadata": {"run": "e2e"},
+            "service_tier": "auto", "repetition_penalty": 1.0}
+    ok = http.post("/completions", json=body)
+    assert ok.status_code == 200, ok.text
+    refused = http.post("/completions", json={**body, "repetition_penalty": 1.2})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "repetition_penalty", refused.text

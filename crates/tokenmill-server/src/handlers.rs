@@ -239,6 +239,9 @@ async fn accept(
         n: request.n,
         logprobs: request.logprobs.is_some(),
         include_usage: valid.include_usage(),
+        continuous_usage: valid
+            .continuous_usage()
+            .then_some(request.prompt_tokens.len() as u64),
     };
     let timing = Timing {
         timer: RequestTimer::new(endpoint, &header.model, arrived, request.n),

@@ -42,6 +42,9 @@ pub(crate) struct Shape {
     pub(crate) logprobs: bool,
     /// Whether a stream ends with a usage chunk.
     pub(crate) include_usage: bool,
+    /// With `Some(prompt tokens)`, every chunk carries the usage so far
+    /// (`stream_options.continuous_usage_stats`).
+    pub(crate) continuous_usage: Option<u64>,
 }
 
 /// The error a finished request that did not end normally maps to.
@@ -136,13 +139,31 @@ struct StreamState {
     shape: Shape,
     pending: Vec<PendingLogprobs>,
     timing: Option<Timing>,
+    /// Tokens generated so far, over all choices.
+    completion_tokens: u64,
 }
 
 impl StreamState {
+    /// A chunk as sent: with the usage so far when the client asked for it
+    /// on every chunk (cached prompt tokens are known only at the end).
+    fn chunk_event(&self, mut chunk: serde_json::Value) -> Event {
+        if let Some(prompt_tokens) = self.shape.continuous_usage {
+            chunk["usage"] = serde_json::json!({
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt_tokens + self.completion_tokens,
+            });
+        }
+        sse_json(&chunk)
+    }
+
     /// The SSE events for one engine event, and whether the stream goes on.
     fn on_event(&mut self, event: GenerationEvent) -> (Vec<Event>, bool) {
         if let Some(timing) = &mut self.timing {
             timing.on_event(&event);
+        }
+        if let GenerationEvent::Text { token_ids, .. } = &event {
+            self.completion_tokens += token_ids.len() as u64;
         }
         match event {
             GenerationEvent::Text {
@@ -165,7 +186,7 @@ impl StreamState {
                     None,
                     logprobs.as_ref().map(|(l, o)| (l.as_slice(), *o)),
                 );
-                (vec![sse_json(&chunk)], true)
+                (vec![self.chunk_event(chunk)], true)
             }
             GenerationEvent::ChoiceEnd { index, reason } => {
                 let Some(finish) = finish_reason(reason) else {
@@ -183,7 +204,7 @@ impl StreamState {
                     Some(finish),
                     logprobs.as_ref().map(|(l, o)| (l.as_slice(), *o)),
                 );
-                (vec![sse_json(&chunk)], true)
+                (vec![self.chunk_event(chunk)], true)
             }
             GenerationEvent::Finished { usage, error } => {
                 if let Some(timing) = self.timing.take() {
@@ -226,6 +247,7 @@ pub(crate) fn stream_response(
         shape,
         pending: vec![PendingLogprobs::default(); shape.n],
         timing: Some(timing),
+        completion_tokens: 0,
     };
     let body = stream::unfold(Some(state), move |state| async move {
         let mut state = state?;
@@ -360,6 +382,7 @@ mod tests {
             n: 2,
             logprobs: false,
             include_usage: false,
+            continuous_usage: None,
         };
         let Json(body) = collect_response(header(Endpoint::Completions), events, shape, timing(2))
             .await
@@ -385,6 +408,7 @@ mod tests {
             n: 1,
             logprobs: false,
             include_usage: false,
+            continuous_usage: None,
         };
         let error = collect_response(header(Endpoint::Chat), events, shape, timing(1))
             .await

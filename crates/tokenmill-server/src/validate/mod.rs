@@ -60,6 +60,7 @@ pub struct ValidRequest {
     request: GenerateRequest,
     stream: bool,
     include_usage: bool,
+    continuous_usage: bool,
 }
 
 impl ValidRequest {
@@ -76,6 +77,11 @@ impl ValidRequest {
     /// Whether a streamed answer ends with a usage chunk.
     pub fn include_usage(&self) -> bool {
         self.include_usage
+    }
+
+    /// Whether every streamed chunk carries the usage so far.
+    pub fn continuous_usage(&self) -> bool {
+        self.continuous_usage
     }
 
     /// The request, for [`EngineClient::submit`].
@@ -239,6 +245,7 @@ impl Validator {
             },
             stream: common.stream,
             include_usage: common.include_usage,
+            continuous_usage: common.continuous_usage,
         })
     }
 }

@@ -19,6 +19,7 @@ pub(super) struct Common {
     pub(super) stop_strings: Vec<String>,
     pub(super) stream: bool,
     pub(super) include_usage: bool,
+    pub(super) continuous_usage: bool,
     pub(super) n: usize,
     pub(super) ignore_eos: bool,
 }
@@ -69,8 +70,24 @@ pub(super) fn common(fields: &mut Fields, info: &ModelInfo) -> Result<Common, Ap
     }
     let stop_strings = stop_strings(fields.take("stop"))?;
     let stream = fields.bool("stream")?.unwrap_or(false);
-    let include_usage = stream_options(fields.take("stream_options"), stream)?;
+    let (include_usage, continuous_usage) = stream_options(fields.take("stream_options"), stream)?;
     fields.string("user")?;
+    // OpenAI's fields that change nothing here: storing completions, tags
+    // and the service tier (one tier).
+    fields.bool("store")?;
+    fields.string("service_tier")?;
+    match fields.take("metadata") {
+        None | Some(Value::Object(_)) => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "metadata",
+                "'metadata' must be an object",
+            ))
+        }
+    }
+    // vLLM's extension, which its benchmark always sends: only its neutral
+    // value until penalties are implemented.
+    fields.only_default("repetition_penalty", |v| v.as_f64() == Some(1.0))?;
     // Not OpenAI's, but the extension vLLM and others accept: benchmarks use
     // it to fix the output length.
     let ignore_eos = fields.bool("ignore_eos")?.unwrap_or(false);
@@ -88,16 +105,19 @@ pub(super) fn common(fields: &mut Fields, info: &ModelInfo) -> Result<Common, Ap
         stop_strings,
         stream,
         include_usage,
+        continuous_usage,
         // In 1..=MAX_N, checked above.
         n: n as usize,
         ignore_eos,
     })
 }
 
-/// `stream_options`: whether a stream ends with a usage chunk.
-fn stream_options(value: Option<Value>, stream: bool) -> Result<bool, ApiError> {
+/// `stream_options`: whether a stream ends with a usage chunk, and whether
+/// every chunk carries the usage so far (`continuous_usage_stats`, vLLM's
+/// extension, which guidellm sends).
+fn stream_options(value: Option<Value>, stream: bool) -> Result<(bool, bool), ApiError> {
     let mut options = match value {
-        None => return Ok(false),
+        None => return Ok((false, false)),
         Some(Value::Object(options)) => options,
         Some(_) => {
             return Err(ApiError::invalid(
@@ -112,20 +132,20 @@ fn stream_options(value: Option<Value>, stream: bool) -> Result<bool, ApiError> 
             "'stream_options' is only allowed when 'stream' is true",
         ));
     }
-    let include = match options.remove("include_usage") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => b,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "stream_options.include_usage",
-                "'include_usage' must be a boolean",
-            ))
-        }
+    let mut flag = |name: &str| match options.remove(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(_) => Err(ApiError::invalid(
+            &format!("stream_options.{name}"),
+            format!("'{name}' must be a boolean"),
+        )),
     };
+    let include = flag("include_usage")?;
+    let continuous = flag("continuous_usage_stats")?;
     if let Some((name, _)) = options.into_iter().find(|(_, v)| !v.is_null()) {
         return Err(ApiError::UnknownField(format!("stream_options.{name}")));
     }
-    Ok(include)
+    Ok((include, continuous))
 }
 
 fn stop_strings(value: Option<Value>) -> Result<Vec<String>, ApiError> {
