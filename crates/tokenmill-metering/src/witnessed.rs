@@ -178,3 +178,92 @@ pub fn latest_with_quorum(
         .rev()
         .find(|w| w.cosigned_by.len() >= min_cosigners)
 }
+
+/// Follows a ledger's `checkpoints` file as the writer appends to it,
+/// reading only the bytes added since the last call (a submitter that polls
+/// every second must not reread, nor re-verify, a day of checkpoints each
+/// time). A frame not yet whole is left for the next call.
+#[derive(Debug)]
+pub struct CheckpointFollower {
+    path: PathBuf,
+    /// Where the next frame starts (0: the header is still to be read).
+    offset: u64,
+}
+
+impl CheckpointFollower {
+    /// Follows the checkpoints file of `dir` from its start.
+    pub fn new(dir: &Path) -> CheckpointFollower {
+        CheckpointFollower {
+            path: dir.join(frame::CHECKPOINTS_FILE),
+            offset: 0,
+        }
+    }
+
+    /// The signed notes appended since the last call, oldest first.
+    pub fn poll(&mut self) -> Result<Vec<String>, LedgerError> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let mut file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&self.path, e)),
+        };
+        let mut data = Vec::new();
+        file.seek(SeekFrom::Start(self.offset))
+            .and_then(|_| file.read_to_end(&mut data))
+            .map_err(|e| io_err(&self.path, e))?;
+        let mut pos = 0usize;
+        if self.offset == 0 {
+            match frame::parse_header(&data, FileKind::Checkpoints) {
+                Ok(_) => pos = frame::HEADER_BYTES,
+                Err(frame::HeaderProblem::Torn) => return Ok(Vec::new()),
+                Err(frame::HeaderProblem::Bad(m)) => {
+                    return Err(LedgerError::Config(format!("{}: {m}", self.path.display())))
+                }
+            }
+        }
+        let mut notes = Vec::new();
+        while let frame::FrameRead::Frame { payload, next } = frame::read_frame(&data, pos) {
+            notes.push(String::from_utf8_lossy(payload).into_owned());
+            pos = next;
+        }
+        self.offset += pos as u64;
+        Ok(notes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::append_note_frame;
+
+    #[test]
+    fn the_follower_returns_each_note_once_and_waits_for_a_whole_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut follower = CheckpointFollower::new(dir.path());
+        assert!(follower.poll().unwrap().is_empty(), "no file yet");
+        let mut file = None;
+        let append = |file: &mut Option<File>, note: &str| {
+            append_note_frame(
+                dir.path(),
+                frame::CHECKPOINTS_FILE,
+                FileKind::Checkpoints,
+                file,
+                note,
+            )
+            .unwrap()
+        };
+        append(&mut file, "one\n");
+        append(&mut file, "two\n");
+        assert_eq!(follower.poll().unwrap(), ["one\n", "two\n"]);
+        assert!(follower.poll().unwrap().is_empty());
+        // Half of a frame: nothing until the rest is written.
+        let mut frame_bytes = Vec::new();
+        frame::push_frame(b"three\n", &mut frame_bytes);
+        let path = dir.path().join(frame::CHECKPOINTS_FILE);
+        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut raw, &frame_bytes[..5]).unwrap();
+        assert!(follower.poll().unwrap().is_empty());
+        std::io::Write::write_all(&mut raw, &frame_bytes[5..]).unwrap();
+        assert_eq!(follower.poll().unwrap(), ["three\n"]);
+    }
+}

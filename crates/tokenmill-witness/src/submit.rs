@@ -20,8 +20,8 @@ use tokenmill_metering::cosignature::{self, CosignerKey};
 use tokenmill_metering::hash::Hash;
 use tokenmill_metering::keys::VerifierKey;
 use tokenmill_metering::note;
-use tokenmill_metering::witnessed::CosignatureLog;
-use tokenmill_metering::{merkle, verified_checkpoints, LedgerError, LedgerReader};
+use tokenmill_metering::witnessed::{CheckpointFollower, CosignatureLog};
+use tokenmill_metering::{merkle, LedgerError, LedgerReader};
 
 /// A witness to submit to: its submission prefix and its key.
 #[derive(Clone, Debug)]
@@ -61,6 +61,11 @@ pub struct Submitter {
     ledger_keys: Vec<VerifierKey>,
     followers: Vec<Follower>,
     leaves: Vec<Hash>,
+    /// Reads the checkpoints the writer appends, each byte once.
+    checkpoints: CheckpointFollower,
+    /// The newest checkpoint, checked against the ledger's keys, and its
+    /// signed note.
+    latest: Option<(Checkpoint, String)>,
     log: CosignatureLog,
     client: reqwest::Client,
 }
@@ -102,6 +107,8 @@ impl Submitter {
             ledger_keys,
             followers,
             leaves: Vec::new(),
+            checkpoints: CheckpointFollower::new(dir),
+            latest: None,
             log,
             client,
         })
@@ -125,15 +132,27 @@ impl Submitter {
 
     /// Brings every witness that is due up to the latest checkpoint.
     pub async fn round(&mut self) {
-        let latest = match verified_checkpoints(&self.dir, &self.ledger_keys) {
-            Ok(checkpoints) => checkpoints.into_iter().last().map(|(_, v)| v),
+        let newest = match self.checkpoints.poll() {
+            // Only the newest matters: one proof covers every size before it.
+            Ok(notes) => notes.into_iter().last(),
             Err(e) => {
                 tracing::error!(error = %e, "witness submission: cannot read the checkpoints");
                 return;
             }
         };
-        let Some(latest) = latest else { return };
-        if let Err(e) = self.read_leaves(latest.checkpoint.size) {
+        if let Some(note) = newest {
+            match Checkpoint::open(&note, &self.ledger_keys) {
+                Ok((checkpoint, _)) => self.latest = Some((checkpoint, note)),
+                Err(e) => {
+                    tracing::error!(error = %e, "witness submission: the newest checkpoint does not verify");
+                    return;
+                }
+            }
+        }
+        let Some((checkpoint, note)) = self.latest.clone() else {
+            return;
+        };
+        if let Err(e) = self.read_leaves(checkpoint.size) {
             tracing::error!(error = %e, "witness submission: cannot read the records");
             return;
         }
@@ -141,15 +160,14 @@ impl Submitter {
             // A resync is answered at once, at most twice in a row.
             for _ in 0..3 {
                 let follower = &self.followers[i];
-                if follower.cosigned == Some(latest.checkpoint.size)
-                    || Instant::now() < follower.retry_at
+                if follower.cosigned == Some(checkpoint.size) || Instant::now() < follower.retry_at
                 {
                     break;
                 }
-                match self.submit(i, &latest.checkpoint, &latest.note).await {
+                match self.submit(i, &checkpoint, &note).await {
                     Outcome::Cosigned => {
                         let f = &mut self.followers[i];
-                        f.cosigned = Some(latest.checkpoint.size);
+                        f.cosigned = Some(checkpoint.size);
                         f.failures = 0;
                         break;
                     }

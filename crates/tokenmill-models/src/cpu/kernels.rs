@@ -189,8 +189,9 @@ fn write_rows(
     Ok(())
 }
 
-/// Runs `f` on the f32 elements of a contiguous CPU tensor, in place.
-struct InPlace<F: Fn(&mut [f32]) -> Result<()>>(F);
+/// Runs `f` on the f32 elements of a contiguous CPU tensor, in place (the
+/// kernels' references in tests use it too).
+pub(crate) struct InPlace<F: Fn(&mut [f32]) -> Result<()>>(pub(crate) F);
 
 impl<F: Fn(&mut [f32]) -> Result<()>> InplaceOp1 for InPlace<F> {
     fn name(&self) -> &'static str {
@@ -199,7 +200,7 @@ impl<F: Fn(&mut [f32]) -> Result<()>> InplaceOp1 for InPlace<F> {
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("the CPU kernels run on f32");
+            candle_core::bail!("in-place CPU ops run on f32");
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("a strided tensor");

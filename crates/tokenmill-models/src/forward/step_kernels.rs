@@ -86,10 +86,11 @@ pub(crate) mod reference {
     //! The kernels' CPU references as [`StepKernels`], on f32 CPU tensors.
 
     use super::StepKernels;
+    use crate::cpu::kernels::InPlace;
     use crate::error::{ModelError, Result};
     use crate::forward::batch::ForwardBatch;
     use crate::forward::kv_cache::PagedKvCache;
-    use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor};
+    use candle_core::{Device, Tensor};
     use tokenmill_kernels::geometry;
     use tokenmill_kernels::paged::PagedMeta;
     use tokenmill_kernels::reference::attention::{self, AttentionShape};
@@ -113,25 +114,6 @@ pub(crate) mod reference {
 
     fn rows(data: Vec<f32>, like: &Tensor) -> Result<Tensor> {
         Ok(Tensor::from_vec(data, like.shape(), &Device::Cpu)?)
-    }
-
-    /// Runs `f` on the f32 elements of a contiguous CPU tensor, in place.
-    struct InPlace<F: Fn(&mut [f32]) -> Result<()>>(F);
-
-    impl<F: Fn(&mut [f32]) -> Result<()>> InplaceOp1 for InPlace<F> {
-        fn name(&self) -> &'static str {
-            "reference-in-place"
-        }
-
-        fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-            let CpuStorage::F32(data) = storage else {
-                candle_core::bail!("the references run on f32");
-            };
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                candle_core::bail!("a strided tensor");
-            };
-            (self.0)(&mut data[start..end]).map_err(|e| candle_core::Error::Msg(e.to_string()))
-        }
     }
 
     impl StepKernels for ReferenceKernels {
